@@ -1,0 +1,9 @@
+"""Errors that reach the user as one line saying what is wrong and how to fix it."""
+
+
+class UserError(Exception):
+    """Bad input from the user: a config, a path, a file. The CLI prints it and exits 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration key or value is invalid."""
