@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration key or value is invalid."""
+
+
+class StorageError(UserError):
+    """A transfer failed: unreachable source, HTTP error, missing object or bad checksum."""
