@@ -11,3 +11,7 @@ class ConfigError(UserError, ValueError):
 
 class StorageError(UserError):
     """A transfer failed: unreachable source, HTTP error, missing object or bad checksum."""
+
+
+class WeightsFileError(UserError):
+    """A weights file is missing, unreadable, or not in the Keras-2 h5 layout by layer name."""
