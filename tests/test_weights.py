@@ -218,6 +218,7 @@ def test_unexcluded_mismatch_raises_before_changing_any_weight(tmp_path):
     assert "\n" not in message
     assert ("mrcnn_class_logits (mrcnn_class_logits/kernel:0: file (5, 81) vs model (5, 3))"
             in message)
+    assert "mrcnn_bbox_fc (mrcnn_bbox_fc/kernel:0: file (5, 324)" in message
     assert "mrcnn_mask (" not in message  # excluded by the caller
     assert "exclude=['mrcnn_bbox', 'mrcnn_bbox_fc', 'mrcnn_class_logits', 'mrcnn_mask']" in message
     assert isinstance(info.value, UserError)
@@ -399,3 +400,29 @@ def test_interrupted_write_leaves_destination_untouched(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_weights(model, path)
     assert os.listdir(tmp_path) == ["ckpt.h5"] and path.read_bytes() == good
+
+
+class TwoDense(L.Layer):
+    """A custom layer whose two sub-layers both own a `kernel` and a `bias`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.first, self.second = L.Dense(3), L.Dense(2)
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+
+def test_custom_layer_with_repeated_short_names_round_trips(tmp_path):
+    def build() -> keras.Model:
+        inputs = keras.Input((4,))
+        return keras.Model(inputs, TwoDense(name="pair")(inputs))
+
+    source, target = build(), build()
+    (layer,) = model_layout(source)
+    assert len(set(layer.weight_names)) == 4  # unique although every short name repeats
+    randomize(source, seed=5)
+    save_weights(source, tmp_path / "pair.h5")
+    assert load_weights(target, tmp_path / "pair.h5").loaded_weight_count == 4
+    for a, b in zip(source.weights, target.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))

@@ -66,6 +66,10 @@ def _model_layer(layer: keras.layers.Layer) -> ModelLayer:
     owners = _owner_names(layer)
     variables = list(layer.weights)
     names = [f"{owners.get(id(v), layer.name)}/{v.name}:0" for v in variables]
+    if len(set(names)) != len(names):
+        # A custom layer with several sub-layers ("kernel" twice): Keras 3's variable paths
+        # are unique where short names are not.
+        names = [f"{v.path}:0" for v in variables]
     return ModelLayer(layer.name, variables, names)
 
 
@@ -114,7 +118,7 @@ class WeightsReport:
     exclude_unmatched: list[str] = field(default_factory=list)  # exclude names found nowhere
     file_weight_count: int = 0  # arrays in the file
     model_weight_count: int = 0  # variables in the model
-    loaded_weight_count: int = 0  # arrays that load_weights assigns
+    loaded_weight_count: int = 0  # arrays assigned (by inspect: once mismatches are excluded)
 
     @property
     def mismatched_layers(self) -> list[str]:
@@ -153,8 +157,9 @@ class WeightsReport:
         raise WeightsMismatchError(self._mismatch_message(list(exclude)))
 
     def _mismatch_message(self, exclude: list[str]) -> str:
+        first_per_layer = {m.layer: m for m in reversed(self.shape_mismatches)}  # keeps first
         details = [f"{m.layer} ({m.weight}: file {m.file_shape} vs model {m.model_shape})"
-                   for m in self.shape_mismatches]
+                   for m in self.shape_mismatches if first_per_layer[m.layer] is m]
         details += [f"{m.layer} (weight count: file {m.file_count} vs model {m.model_count})"
                     for m in self.count_mismatches]
         shown = ", ".join(details[:4]) + (f" and {len(details) - 4} more" if len(details) > 4
@@ -329,7 +334,7 @@ def format_report(report: WeightsReport) -> str:
               ("exclude unknown", report.exclude_unmatched)]
     for title, names in groups:
         shown = ", ".join(names[:6]) + (f", ... (+{len(names) - 6})" if len(names) > 6 else "")
-        lines.append(f"{title:<18}{len(names):>6}  {shown}")
+        lines.append(f"{title:<18}{len(names):>6}  {shown}".rstrip())
     if report.shape_mismatches or report.count_mismatches:
         lines += ["", f"{'layer':<24}{'weight':<40}{'file':<20}model"]
         lines += [f"{m.layer:<24}{m.weight:<40}{str(m.file_shape):<20}{m.model_shape}"
