@@ -1,0 +1,145 @@
+"""Real servers on 127.0.0.1 for tests: a GCS emulator and a scripted HTTP server.
+
+Both are context managers that pick a free port, run in a background thread, and stop on
+exit, so storage, fetch-weights and data tests can share them:
+
+    with gcs_emulator() as gcs:             # then STORAGE_EMULATOR_HOST=gcs.url
+        gcs.client().create_bucket("b")
+    with http_server() as http:
+        http.add("/w.h5", b"...", fail_with=[503, 503])
+        storage.download(http.url("/w.h5"), dest)
+        assert http.count("/w.h5") == 3
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from gcp_storage_emulator.server import create_server
+
+# === GCS emulator ===
+
+
+@dataclass
+class GcsEmulator:
+    """A running in-memory gcp-storage-emulator; `url` is the STORAGE_EMULATOR_HOST value."""
+
+    url: str
+    server: Any
+
+    def client(self, project: str = "test") -> Any:
+        """A google-cloud-storage client talking to this emulator, for test setup."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        options = {"api_endpoint": self.url}
+        return storage.Client(
+            project=project, credentials=AnonymousCredentials(), client_options=options
+        )
+
+    def wipe(self) -> None:
+        """Delete every bucket and object."""
+        self.server.wipe()
+
+
+@contextlib.contextmanager
+def gcs_emulator() -> Iterator[GcsEmulator]:
+    """Start gcp-storage-emulator in this process on a free port of 127.0.0.1."""
+    server = create_server("127.0.0.1", 0, in_memory=True)
+    server.start()
+    try:
+        # Port 0 lets the OS choose; the emulator has no public accessor for the bound port.
+        host, port = server._api._httpd.server_address
+        yield GcsEmulator(url=f"http://{host}:{port}", server=server)
+    finally:
+        server.stop()
+
+
+# === Scripted HTTP server ===
+
+
+@dataclass
+class Route:
+    """What the server answers on one path: first one response per status in `fail_with`,
+    then `body` with status 200, claiming `content_length` bytes if set (to cut a body short),
+    plus `headers`."""
+
+    body: bytes
+    fail_with: list[int] = field(default_factory=list)
+    content_length: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class HttpServer:
+    """A threaded HTTP/1.0 server on 127.0.0.1 serving scripted `Route`s; it records the path
+    of every request it receives, in order, in `requests`. Unknown paths answer 404."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: list[str] = []
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def add(self, path: str, body: bytes, **route: Any) -> str:
+        """Serve `body` at `path` (see `Route` for the options); returns its URL."""
+        self.routes[path] = Route(body=body, **route)
+        return self.url(path)
+
+    def url(self, path: str) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}{path}"
+
+    def count(self, path: str) -> int:
+        """How many requests reached `path` so far."""
+        with self._lock:
+            return self.requests.count(path)
+
+    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self.requests.append(handler.path)
+            route = self.routes.get(handler.path)
+            failure = route.fail_with.pop(0) if route and route.fail_with else None
+        if route is None or failure is not None:
+            status = failure or 404
+            handler.send_response(status)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(route.content_length or len(route.body)))
+        for name, value in route.headers.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(route.body)  # HTTP/1.0: the connection closes after the body
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # the name http.server dispatches to
+                server._answer(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # keep test output clean
+
+        return Handler
+
+
+@contextlib.contextmanager
+def http_server() -> Iterator[HttpServer]:
+    """Start an `HttpServer` on a free port of 127.0.0.1; shut it down on exit."""
+    server = HttpServer()
+    server._thread.start()
+    try:
+        yield server
+    finally:
+        server._httpd.shutdown()
+        server._httpd.server_close()
+        server._thread.join(timeout=5)

@@ -1,0 +1,447 @@
+"""Transfers between gs://, http(s):// and local paths (plain or file://).
+
+`download` fetches one object to a local file: retried with backoff on transient failures,
+verified, moved into place only when complete, and cached so a rerun does not fetch it again.
+With `STORAGE_EMULATOR_HOST` set (e.g. `http://127.0.0.1:9023`) gs:// goes to that emulator.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import random
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import google_crc32c
+import requests
+
+from trainer.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes if known)
+
+CHUNK_BYTES = 1 << 20
+TIMEOUT_SECONDS = (10.0, 60.0)  # (connect, read between two chunks)
+BACKOFF_SECONDS = 0.5  # pause before the first retry; doubles each retry, jittered
+MAX_BACKOFF_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """A finished download: where it is, its size and sha256 (hex), whether the cache gave it."""
+
+    source: str
+    path: Path
+    bytes: int
+    sha256: str
+    from_cache: bool
+
+
+class _Transient(Exception):
+    """A failure worth retrying: connection, timeout, HTTP 408/429/5xx, a body cut short."""
+
+
+# === URIs ===
+
+
+def is_remote(uri: str | Path) -> bool:
+    """True for gs://, http:// and https:// URIs; False for local paths and file:// URIs."""
+    return urlparse(str(uri)).scheme in ("gs", "http", "https")
+
+
+def _local_path(uri: str | Path) -> Path:
+    """The path a plain local path or a file:// URI names."""
+    text = str(uri)
+    parsed = urlparse(text)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(url2pathname(parsed.path))
+    if len(parsed.scheme) > 1:  # a single letter is a Windows drive
+        raise StorageError(f"unsupported URI {text}: use gs://, http(s)://, file:// or a path")
+    return Path(text).expanduser()
+
+
+def _split_gs(uri: str) -> tuple[str, str]:
+    """`gs://bucket/some/key` -> ("bucket", "some/key"); the key may be empty."""
+    bucket, _, key = uri.removeprefix("gs://").partition("/")
+    if not bucket:
+        raise StorageError(f"no bucket in {uri}: expected gs://BUCKET/KEY")
+    return bucket, key
+
+
+# === Hashing and atomic files ===
+
+
+class _HashingWriter:
+    """A write-only file object that forwards to `out`, counting and hashing the bytes."""
+
+    def __init__(self, out: BinaryIO, total: int | None, progress: Progress | None) -> None:
+        self.out, self.total, self.progress, self.bytes = out, total, progress, 0
+        self.hashes = {
+            "sha256": hashlib.sha256(),
+            "md5": hashlib.md5(usedforsecurity=False),
+            "crc32c": google_crc32c.Checksum(),
+        }
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        for digest in self.hashes.values():
+            digest.update(data)
+        self.bytes += len(data)
+        if self.progress is not None:
+            self.progress(self.bytes, self.total)
+        return len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self.hashes["sha256"].hexdigest()
+
+    def b64digest(self, name: str) -> str:
+        """The digest `name` ("crc32c" or "md5") in base64, as GCS reports it."""
+        return base64.b64encode(self.hashes[name].digest()).decode("ascii")
+
+
+@contextlib.contextmanager
+def _atomic_file(dest: Path) -> Iterator[BinaryIO]:
+    """A new file beside `dest` that replaces it only if the block completes; on any error it
+    is deleted, leaving `dest` (present or not) as it was."""
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        out = open(tmp, "xb")
+    except OSError as err:
+        raise StorageError(f"cannot write {dest}: {err.strerror}") from err
+    try:
+        with out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# === Sources: open one, learn what its server states about it, stream it ===
+
+
+@dataclass
+class _Body:
+    """An opened source: size and base64 checksums as its server states them, a `version`
+    naming this content for the cache (None: do not cache), and how to stream it."""
+
+    size: int | None
+    version: str | None
+    copy_to: Callable[[_HashingWriter], None]
+    checksums: dict[str, str] = field(default_factory=dict)
+    close: Callable[[], None] = lambda: None
+
+
+def _open_http(url: str) -> _Body:
+    headers = {"Accept-Encoding": "identity"}  # bytes as stored, so Content-Length applies
+    try:
+        response = requests.get(url, stream=True, timeout=TIMEOUT_SECONDS, headers=headers)
+    except (requests.ConnectionError, requests.Timeout) as err:
+        raise _Transient(f"cannot reach {url}: {type(err).__name__}") from err
+    if (status := response.status_code) != 200:
+        response.close()
+        reason = f"HTTP {status} {response.reason} for {url}"
+        raise (_Transient if status in (408, 429) or status >= 500 else StorageError)(reason)
+    length = response.headers.get("Content-Length", "")
+    encoded = response.headers.get("Content-Encoding", "identity") != "identity"
+    size = int(length) if length.isdigit() and not encoded else None
+    validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+
+    def copy_to(out: _HashingWriter) -> None:
+        try:
+            for chunk in response.iter_content(CHUNK_BYTES):
+                out.write(chunk)
+        except (requests.ConnectionError, requests.Timeout) as err:  # a read timeout too
+            raise _Transient(f"connection to {url} lost: {type(err).__name__}") from err
+        except requests.exceptions.ChunkedEncodingError as err:  # the body ended early
+            if size is None:  # else `_verify` reports the shortfall against the size
+                raise _Transient(f"body from {url} ended after {out.bytes} bytes") from err
+
+    version = f"{validator}|{size}" if validator and size is not None else None
+    return _Body(size=size, version=version, copy_to=copy_to, close=response.close)
+
+
+@functools.lru_cache(maxsize=4)
+def _client_for(emulator_host: str | None) -> Any:
+    from google.cloud import storage
+
+    if emulator_host:
+        from google.auth.credentials import AnonymousCredentials
+
+        project = os.environ.get("GOOGLE_CLOUD_PROJECT", "mrcnn-emulator")
+        return storage.Client(project=project, credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+def _gcs(uri: str, call: Callable[[Any], T]) -> T:
+    """`call(client)` with a storage client (the emulator's if `STORAGE_EMULATOR_HOST` is set,
+    else application-default credentials), its failures sorted into transient and final."""
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+    from google.cloud.storage.exceptions import DataCorruption
+
+    try:
+        return call(_client_for(os.environ.get("STORAGE_EMULATOR_HOST") or None))
+    except api.NotFound as err:
+        raise StorageError(f"not found: {uri}") from err
+    except api.GoogleAPICallError as err:
+        reason = f"HTTP {err.code} from GCS for {uri}: {err.message}".splitlines()[0]
+        code = err.code or 0
+        raise (_Transient if code in (408, 429) or code >= 500 else StorageError)(reason) from err
+    except (requests.RequestException, auth.TransportError) as err:
+        raise _Transient(f"cannot reach GCS for {uri}: {type(err).__name__}") from err
+    except DataCorruption as err:
+        raise StorageError(f"checksum mismatch for {uri}: the bytes differ from GCS's") from err
+    except auth.DefaultCredentialsError as err:
+        hint = "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+        raise StorageError(f"no Google Cloud credentials for {uri}: {hint}") from err
+
+
+def _open_gcs(uri: str) -> _Body:
+    bucket, key = _split_gs(uri)
+    if not key:
+        raise StorageError(f"no object name in {uri}: expected gs://BUCKET/KEY")
+    blob = _gcs(uri, lambda c: c.bucket(bucket).get_blob(key, retry=None, timeout=TIMEOUT_SECONDS))
+    if blob is None:
+        raise StorageError(f"not found: {uri}")
+
+    def copy_to(out: _HashingWriter) -> None:
+        # `blob` carries its generation, so this reads the very version measured above; the
+        # raw bytes (no gzip transcoding) are what the crc32c and md5 describe.
+        kwargs = {"raw_download": True, "checksum": None, "retry": None}
+        _gcs(uri, lambda _: blob.download_to_file(out, timeout=TIMEOUT_SECONDS, **kwargs))
+
+    checksums = {"crc32c": blob.crc32c, "md5": blob.md5_hash}
+    return _Body(
+        size=blob.size,
+        version=f"generation={blob.generation}|{blob.size}",
+        copy_to=copy_to,
+        checksums={name: value for name, value in checksums.items() if value},
+    )
+
+
+def _open_local(uri: str) -> _Body:
+    path = _local_path(uri)
+    if not path.is_file():
+        raise StorageError(f"not found: {uri}" + (" (a directory)" if path.is_dir() else ""))
+
+    def copy_to(out: _HashingWriter) -> None:
+        with path.open("rb") as source:
+            shutil.copyfileobj(source, out, CHUNK_BYTES)
+
+    return _Body(size=path.stat().st_size, version=None, copy_to=copy_to)
+
+
+def _open(uri: str) -> _Body:
+    if uri.startswith("gs://"):
+        return _open_gcs(uri)
+    return _open_http(uri) if is_remote(uri) else _open_local(uri)
+
+
+def _verify(source: str, out: _HashingWriter, body: _Body, sha256: str | None) -> None:
+    if body.size is not None and out.bytes < body.size:
+        raise _Transient(f"truncated body from {source}: got {out.bytes} of {body.size} bytes")
+    if body.size is not None and out.bytes > body.size:
+        raise StorageError(f"size mismatch for {source}: got more than {body.size} bytes")
+    for name, expected in body.checksums.items():
+        if (got := out.b64digest(name)) != expected:
+            raise StorageError(f"{name} mismatch for {source}: server says {expected}, got {got}")
+    if sha256 is not None and (got := out.sha256) != sha256:
+        raise StorageError(f"checksum mismatch for {source}: expected sha256 {sha256}, got {got}")
+
+
+def _with_retries(action: Callable[[], T], retries: int, backoff_seconds: float) -> T:
+    """`action()`, called again after a growing, jittered pause each time it fails transiently."""
+    attempt = 0
+    while True:
+        try:
+            return action()
+        except _Transient as err:
+            if attempt >= retries:
+                raise StorageError(f"{err} (gave up after {attempt + 1} attempts)") from err
+            delay = min(MAX_BACKOFF_SECONDS, backoff_seconds * 2**attempt)
+            delay *= random.uniform(0.5, 1.0)
+            attempt += 1
+            log.warning("%s; retry %d of %d in %.2f s", err, attempt, retries, delay)
+            time.sleep(delay)
+
+
+# === Cache ===
+
+
+def default_cache_dir() -> Path:
+    """`$MRCNN_CACHE_DIR` if set, else `~/.cache/mrcnn`."""
+    return Path(os.environ.get("MRCNN_CACHE_DIR") or Path.home() / ".cache" / "mrcnn")
+
+
+def _cache_entry(cache_dir: Path, source: str, version: str) -> Path:
+    """The cache folder for one version of `source`; it holds one file named by its sha256."""
+    return cache_dir / hashlib.sha256(f"{source}\n{version}".encode()).hexdigest()
+
+
+def _install_cached(entry: Path, dest: Path, progress: Progress | None) -> tuple[int, str] | None:
+    """Copy the file in `entry` to `dest` if its content still matches its name (its sha256);
+    returns (bytes, sha256), or None when there is no intact entry."""
+    stored = next(entry.glob("[0-9a-f]" * 64), None) if entry.is_dir() else None
+    if stored is None:
+        return None
+    try:
+        with stored.open("rb") as cached, _atomic_file(dest) as out:
+            writer = _HashingWriter(out, stored.stat().st_size, progress)
+            shutil.copyfileobj(cached, writer, CHUNK_BYTES)
+            if writer.sha256 != stored.name:
+                raise ValueError("its content changed since it was stored")
+    except (OSError, ValueError) as err:
+        log.warning("ignoring cache entry %s: %s", stored, err)
+        return None
+    return writer.bytes, writer.sha256
+
+
+def _store_cached(entry: Path, path: Path, sha256: str) -> None:
+    """Keep a copy of `path` in `entry`; a cache that cannot be written only warns."""
+    try:
+        with path.open("rb") as src, _atomic_file(entry / sha256) as out:
+            shutil.copyfileobj(src, out, CHUNK_BYTES)
+    except (OSError, StorageError) as err:
+        log.warning("could not cache %s in %s: %s", path, entry, err)
+
+
+# === Public API ===
+
+
+def download(
+    source: str,
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    cache_dir: Path | None = None,
+    retries: int = 4,
+    progress: Progress | None = None,
+    backoff_seconds: float = BACKOFF_SECONDS,
+) -> DownloadResult:
+    """Fetch `source` (gs://, http(s)://, file:// or a local path) to the file `dest`.
+
+    Transient failures are retried `retries` times, pausing `backoff_seconds` and doubling.
+    The file appears at `dest` only complete and verified (size, GCS's crc32c/md5, `sha256`
+    if given); on failure `dest` stays as it was. Remote sources are cached in `cache_dir`
+    (default `default_cache_dir()`), keyed by source and `sha256`, else by the server's
+    version (ETag, generation) and size. `progress(done, total)` is called per chunk.
+    Raises `StorageError` with a one-line reason.
+    """
+    source, dest = str(source), Path(dest).expanduser()
+    expected = sha256.strip().lower() if sha256 else None
+    cache = Path(cache_dir or default_cache_dir()).expanduser() if is_remote(source) else None
+
+    def from_cache(version: str | None) -> DownloadResult | None:
+        if cache is None or version is None:
+            return None
+        hit = _install_cached(_cache_entry(cache, source, version), dest, progress)
+        return DownloadResult(source, dest, hit[0], hit[1], True) if hit else None
+
+    pinned = f"sha256={expected}" if expected else None
+    if result := from_cache(pinned):  # the expected sha256 is known: no request at all
+        return result
+
+    def attempt() -> DownloadResult:
+        body = _open(source)
+        try:
+            version = pinned or body.version
+            if not pinned and (result := from_cache(version)):
+                return result
+            with _atomic_file(dest) as out:
+                writer = _HashingWriter(out, body.size, progress)
+                body.copy_to(writer)
+                _verify(source, writer, body, expected)
+        finally:
+            body.close()
+        if cache is not None and version is not None:
+            _store_cached(_cache_entry(cache, source, version), dest, writer.sha256)
+        return DownloadResult(source, dest, writer.bytes, writer.sha256, False)
+
+    return _with_retries(attempt, retries, backoff_seconds)
+
+
+def upload(path: str | Path, dest_uri: str, *, retries: int = 4) -> str:
+    """Copy the local file `path` to `dest_uri` (gs:// or local) and return `dest_uri`.
+    Local copies are atomic; GCS checks the upload's crc32c."""
+    src, dest_uri = Path(path).expanduser(), str(dest_uri)
+    if not src.is_file():
+        raise StorageError(f"not found: {src}")
+    if dest_uri.startswith("gs://"):
+        bucket, key = _split_gs(dest_uri)
+
+        def put(client: Any) -> None:
+            blob = client.bucket(bucket).blob(key)
+            blob.upload_from_filename(str(src), checksum="crc32c", retry=None, timeout=60.0)
+
+        _with_retries(lambda: _gcs(dest_uri, put), retries, BACKOFF_SECONDS)
+        return dest_uri
+    if is_remote(dest_uri):
+        raise StorageError(f"cannot upload to {dest_uri}: only gs:// and local destinations")
+    with src.open("rb") as source, _atomic_file(_local_path(dest_uri)) as out:
+        shutil.copyfileobj(source, out, CHUNK_BYTES)
+    return dest_uri
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of `uri` (gs://, file:// or a local path), retried like `download`.
+    GCS objects stored gzip-encoded come back decompressed; the client checks their crc32c."""
+    uri = str(uri)
+    if uri.startswith("gs://"):
+        bucket, key = _split_gs(uri)
+
+        def get(client: Any) -> bytes:
+            blob = client.bucket(bucket).blob(key)
+            return blob.download_as_bytes(retry=None, timeout=TIMEOUT_SECONDS)
+
+        return _with_retries(lambda: _gcs(uri, get), 4, BACKOFF_SECONDS)
+    if is_remote(uri):
+        raise StorageError(f"cannot read {uri} in memory: download it instead")
+    try:
+        return _local_path(uri).read_bytes()
+    except OSError as err:
+        raise StorageError(f"cannot read {uri}: {err.strerror}") from err
+
+
+def list_uris(prefix_uri: str) -> list[str]:
+    """Every object under `prefix_uri`, sorted, as URIs in the prefix's own form.
+
+    A gs:// prefix is a plain prefix of object names, as GCS lists them. Locally a directory
+    lists every file below it; otherwise the files whose path starts with the prefix."""
+    prefix_uri = str(prefix_uri)
+    if prefix_uri.startswith("gs://"):
+        bucket, prefix = _split_gs(prefix_uri)
+
+        def names(client: Any) -> list[str]:
+            blobs = client.list_blobs(bucket, prefix=prefix, retry=None, timeout=TIMEOUT_SECONDS)
+            return [blob.name for blob in blobs if not blob.name.endswith("/")]
+
+        found = _with_retries(lambda: _gcs(prefix_uri, names), 4, BACKOFF_SECONDS)
+        return sorted(f"gs://{bucket}/{name}" for name in found)
+    if is_remote(prefix_uri):
+        raise StorageError(f"cannot list {prefix_uri}: only gs:// and local prefixes")
+    prefix = _local_path(prefix_uri)
+    root = prefix if prefix.is_dir() else prefix.parent
+    files = [Path(top) / name for top, _, names in os.walk(root) for name in names]
+    files = [path for path in files if str(path).startswith(str(prefix))]
+    as_uri = urlparse(prefix_uri).scheme == "file"
+    return sorted(path.absolute().as_uri() if as_uri else str(path) for path in files)
+
