@@ -1,0 +1,418 @@
+"""`mrcnn data prepare`: a source (synthetic shapes or a COCO dataset) -> TFRecord shards.
+
+Output folder (DESIGN.md, "Dataset on disk"):
+  {split}-{i:05d}-of-{n:05d}.tfrecord   train and val shards, records dealt round-robin
+  dataset.json                          class names, counts, skipped/repaired records with
+                                        their reasons, the source's fingerprint, shard lists
+  val_annotations.json                  the val split in COCO format (original coordinates,
+                                        our contiguous category ids, masks as RLE)
+
+The run streams: a lazy iterator of small tasks feeds a bounded pool of worker processes that
+read, check and encode one image each; results come back in task order, so the output is
+deterministic for any `workers`. Everything is written to a hidden folder beside `out_dir`
+and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from trainer.data import coco, shapes
+from trainer.errors import UserError
+
+SOURCES = ("shapes", "coco")
+SPLITS = ("train", "val")
+FORMAT_VERSION = 1
+IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: enough to hide latency, bounded memory
+
+
+def split_of(source_id: str, seed: int, val_fraction: float) -> str:
+    """"val" or "train" from a hash of the image id: stable when other images come or go."""
+    digest = hashlib.sha256(f"{seed}/{source_id}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def shard_names(split: str, count: int) -> list[str]:
+    return [f"{split}-{i:05d}-of-{count:05d}.tfrecord" for i in range(count)]
+
+
+# === Worker side: one task -> one encoded record (no TensorFlow here) ===
+
+
+@dataclass(frozen=True)
+class _ShapesContext:
+    seed: int
+    image_size: int
+    contiguous_ids: dict[int, int]  # shapes class id -> our id (all three unless a subset)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every worker call shares: how to read a task, and how to split."""
+
+    source: str
+    context: coco.CocoContext | _ShapesContext
+    class_names: tuple[str, ...]
+    seed: int
+    val_fraction: float
+
+
+def _read_shapes(context: _ShapesContext, index: int):
+    sample = shapes.generate_sample(
+        context.seed * 1_000_003 + index, context.image_size, context.image_size
+    )
+    name = f"shapes-{index:06d}.png"
+    keep = [i for i, c in enumerate(sample.class_ids) if int(c) in context.contiguous_ids]
+    if not keep:
+        return None, [coco.Issue(name, coco.NO_OBJECTS, "no object in the selected categories")]
+    buffer = io.BytesIO()
+    Image.fromarray(sample.image).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return coco.AnnotatedImage(
+        image_encoded=data,
+        image_format="png",
+        height=context.image_size,
+        width=context.image_size,
+        filename=name,
+        image_id=index,
+        masks=sample.masks[:, :, keep],
+        boxes=sample.boxes[keep].astype(np.float64),
+        class_ids=np.asarray([context.contiguous_ids[int(c)] for c in sample.class_ids[keep]],
+                             dtype=np.int32),
+        is_crowd=np.zeros(len(keep), dtype=bool),
+        sha256=hashlib.sha256(data).hexdigest(),
+    ), []
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """bool [H, W] -> a 1-bit PNG (TensorFlow's decode_png expands it to 0/255)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _encode_task(job: _Job, task) -> dict:
+    """Reads one task; returns the record's fields (or None), its issues, its split, and for
+    val records the COCO image and annotations (ids assigned by the parent)."""
+    if job.source == "shapes":
+        image, issues = _read_shapes(job.context, task)
+        record_name = f"shapes-{task:06d}.png"
+    else:
+        record_name = str(task.image.get("file_name", task.image.get("id")))
+        try:
+            image, issues = coco.read_task(job.context, task)
+        except Exception as err:  # a record nothing above foresaw must not stop the run
+            image = None
+            issues = [coco.Issue(record_name, "unreadable_record", f"{type(err).__name__}: {err}")]
+    result = {"name": record_name, "issues": issues, "fields": None}
+    if image is None:
+        return result
+    areas = image.masks.reshape(-1, image.masks.shape[-1]).sum(axis=0).astype(float)
+    split = split_of(image.source_id, job.seed, job.val_fraction)
+    result.update(
+        split=split,
+        sha256=image.sha256,
+        fields=dict(
+            image_encoded=image.image_encoded,
+            image_format=image.image_format,
+            height=image.height,
+            width=image.width,
+            filename=image.filename,
+            source_id=image.source_id,
+            source=job.source,
+            boxes=image.boxes,
+            class_ids=image.class_ids.tolist(),
+            class_names=[job.class_names[c] for c in image.class_ids],
+            is_crowd=image.is_crowd.tolist(),
+            area=areas.tolist(),
+            masks_png=[encode_mask_png(image.masks[:, :, i]) for i in range(len(areas))],
+        ),
+    )
+    if split == "val":
+        result["coco_image"] = {
+            "id": image.image_id, "file_name": image.filename,
+            "height": image.height, "width": image.width,
+        }
+        result["coco_annotations"] = [
+            _coco_annotation(image, i, areas[i]) for i in range(len(areas))
+        ]
+    return result
+
+
+def _coco_annotation(image: coco.AnnotatedImage, i: int, area: float) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(image.masks[:, :, i].astype(np.uint8)))
+    y1, x1, y2, x2 = (float(v) for v in image.boxes[i])
+    return {
+        "image_id": image.image_id,
+        "category_id": int(image.class_ids[i]),
+        "segmentation": {"size": [image.height, image.width], "counts": rle["counts"].decode()},
+        "area": float(area),
+        "bbox": [x1, y1, x2 - x1, y2 - y1],
+        "iscrowd": int(image.is_crowd[i]),
+    }
+
+
+def _ordered_results(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
+    """fn(task) for every task, in task order, with at most workers * IN_FLIGHT_PER_WORKER
+    tasks submitted and not yet consumed. Workers are spawned, not forked: the parent holds
+    TensorFlow and storage clients, neither of which survives a fork safely."""
+    if workers <= 1:
+        yield from map(fn, tasks)
+        return
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+    try:
+        pending: deque[concurrent.futures.Future] = deque()
+        for task in tasks:
+            pending.append(pool.submit(fn, task))
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# === Parent side: write shards, COCO json and dataset.json ===
+
+
+class _Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, else a line every
+    few seconds)."""
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int, skipped: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last < (0.5 if self.tty else 5.0)):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        of = f"/{self.total} ({100 * done / max(self.total, 1):.0f}%)" if self.total else ""
+        line = f"prepare: {done}{of} images, {skipped} skipped, {rate:.1f} images/s"
+        sys.stderr.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+
+class _JsonArray:
+    """A JSON array written item by item to a temporary file (memory stays flat)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file, self.count = path, path.open("w"), 0
+
+    def append(self, item: dict) -> None:
+        self.file.write(("," if self.count else "") + json.dumps(item, separators=(",", ":")))
+        self.count += 1
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _write_val_annotations(path: Path, images: _JsonArray, anns: _JsonArray, categories) -> None:
+    images.close()
+    anns.close()
+    with path.open("w") as out:
+        out.write('{"info":{"description":"val split written by mrcnn data prepare"},')
+        out.write('"categories":' + json.dumps(categories) + ',"images":[')
+        with images.path.open() as part:
+            shutil.copyfileobj(part, out)
+        out.write('],"annotations":[')
+        with anns.path.open() as part:
+            shutil.copyfileobj(part, out)
+        out.write("]}\n")
+    images.path.unlink()
+    anns.path.unlink()
+
+
+def _plan(source: str, options: dict) -> tuple[_Job, Iterator, int | None, dict, list, list]:
+    """(job, tasks, total, source description, categories, issues found while listing)."""
+    seed, val_fraction, wanted = options["seed"], options["val_fraction"], options["categories"]
+    listing_issues: list[coco.Issue] = []
+    if source == "shapes":
+        names = shapes.CLASS_NAMES[1:]
+        unknown = [n for n in wanted or () if n not in names]
+        if unknown:
+            raise UserError(f"unknown categories {unknown} in --categories: shapes has {names}")
+        chosen = [i for i, n in enumerate(names, 1) if not wanted or n in wanted]
+        categories = [{"id": k, "name": names[i - 1], "source_id": i}
+                      for k, i in enumerate(chosen, 1)]
+        count = options["count"] if options["count"] is not None else 500
+        size = options["image_size"] or 128
+        if count < 1 or size < 16:
+            raise UserError(f"--count must be >= 1 and --image-size >= 16, got {count}, {size}")
+        context = _ShapesContext(seed, size, {c["source_id"]: c["id"] for c in categories})
+        description = {"name": "shapes", "seed": seed, "count": count, "image_size": size}
+        tasks, total = iter(range(count)), count
+    else:
+        if not options["annotations"] or not options["images"]:
+            raise UserError("--source coco needs --annotations (instances JSON) and --images "
+                            "(the images folder), local paths or gs:// URIs")
+        reader = coco.CocoSource(options["annotations"], options["images"], wanted)
+        categories = [{"id": c["id"], "name": c["name"], "source_id": c["coco_id"]}
+                      for c in reader.categories]
+        context = reader.context
+        description = {"name": "coco", "annotations": options["annotations"],
+                       "images": options["images"], "annotations_sha256": reader.annotations_sha256}
+        limit = options["count"]
+        tasks = reader.tasks(listing_issues, limit)
+        total = len(reader) if limit is None else min(limit, len(reader))
+    class_names = ("BG", *(c["name"] for c in categories))
+    job = _Job(source, context, class_names, seed, val_fraction)
+    return job, tasks, total, description, categories, listing_issues
+
+
+def prepare_dataset(
+    source: str,
+    out_dir: str | Path,
+    *,
+    annotations: str | None = None,
+    images: str | None = None,
+    count: int | None = None,
+    image_size: int | None = None,
+    val_fraction: float = 0.1,
+    shards: int = 4,
+    workers: int | None = None,
+    categories: Sequence[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Prepares `source` ("shapes" or "coco") into `out_dir`; returns dataset.json's content
+    plus the run's `out_dir`, `elapsed_seconds` and `images_per_second`.
+
+    shapes: `count` images (default 500) of `image_size` (default 128) from `seed`.
+    coco: `annotations` (instances JSON) and `images` (folder), local or gs://; `count`
+    limits the number of images read. `categories` selects category names (ids 1..N follow
+    the source's order). `shards` is the train shard count; val gets ceil(shards *
+    val_fraction). Raises UserError on bad options or when no image is usable.
+    """
+    if source not in SOURCES:
+        raise UserError(f"unknown source {source!r}: use one of {SOURCES}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if shards < 1:
+        raise UserError(f"--shards must be >= 1, got {shards}")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    out = Path(out_dir).expanduser().absolute()
+    if str(out_dir).startswith("gs://"):
+        raise UserError("--out must be a local folder: prepare locally, then upload it")
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir())
+                                               or (out / "dataset.json").exists())):
+        raise UserError(f"--out {out} exists and is not a prepared dataset: choose a new "
+                        "folder or remove it")
+    options = dict(annotations=annotations, images=images, count=count, image_size=image_size,
+                   val_fraction=val_fraction, seed=seed,
+                   categories=list(categories) if categories else None)
+    job, tasks, total, description, category_list, issues = _plan(source, options)
+
+    from trainer.data import tfrecord  # TensorFlow only in the parent, only when needed
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    started = time.monotonic()
+    try:
+        shard_counts = {"train": shards, "val": math.ceil(shards * val_fraction)}
+        names = {split: shard_names(split, n) for split, n in shard_counts.items()}
+        writers = {split: [tfrecord.tf.io.TFRecordWriter(str(tmp / name)) for name in files]
+                   for split, files in names.items()}
+        val_images, val_anns = _JsonArray(tmp / ".val_images"), _JsonArray(tmp / ".val_anns")
+        stats = {split: Counter() for split in SPLITS}
+        fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode())
+        bar = _Progress(total, progress)
+        done = skipped_images = 0
+        for result in _ordered_results(functools.partial(_encode_task, job), tasks, workers):
+            issues.extend(result["issues"])
+            done += 1
+            if result["fields"] is None:
+                skipped_images += 1
+                reasons = ",".join(i.reason for i in result["issues"])
+                fingerprint.update(f"{result['name']}:skipped:{reasons}\n".encode())
+            else:
+                split, fields = result["split"], result["fields"]
+                fingerprint.update(f"{fields['source_id']}:{result['sha256']}\n".encode())
+                split_stats = stats[split]
+                shard = split_stats["images"] % shard_counts[split]
+                writers[split][shard].write(tfrecord.encode_example(**fields))
+                split_stats["images"] += 1
+                split_stats["objects"] += len(fields["class_ids"])
+                split_stats["crowd_objects"] += sum(fields["is_crowd"])
+                if split == "val":
+                    val_images.append(result["coco_image"])
+                    for ann in result["coco_annotations"]:
+                        val_anns.append({"id": val_anns.count + 1, **ann})
+            bar.update(done, skipped_images)
+        bar.update(done, skipped_images, final=True)
+        for split_writers in writers.values():
+            for writer in split_writers:
+                writer.close()
+        coco_categories = [{"id": c["id"], "name": c["name"], "supercategory": source}
+                           for c in category_list]
+        _write_val_annotations(tmp / "val_annotations.json", val_images, val_anns,
+                               coco_categories)
+        if not any(stats[split]["images"] for split in SPLITS):
+            reasons = dict(Counter(i.reason for i in issues if i.action == coco.SKIPPED))
+            raise UserError(f"no usable image in the {source} source ({done} read, skipped "
+                            f"by reason: {reasons}): check --annotations/--images and "
+                            "--categories")
+        summary = {
+            "format_version": FORMAT_VERSION,
+            "source": description,
+            "fingerprint": f"sha256:{fingerprint.hexdigest()}",
+            "class_names": list(job.class_names),
+            "categories": category_list,
+            "options": {"val_fraction": val_fraction, "shards": shards, "seed": seed,
+                        "categories": options["categories"], "count": count},
+            "splits": {split: {"images": stats[split]["images"],
+                               "objects": stats[split]["objects"],
+                               "crowd_objects": stats[split]["crowd_objects"],
+                               "shards": names[split]} for split in SPLITS},
+            "val_annotations": "val_annotations.json",
+            "images_read": done,
+            "skipped_counts": dict(sorted(Counter(
+                i.reason for i in issues if i.action == coco.SKIPPED).items())),
+            "repaired_counts": dict(sorted(Counter(
+                i.reason for i in issues if i.action == coco.REPAIRED).items())),
+            "skipped": [i.to_json() for i in issues if i.action == coco.SKIPPED],
+            "repaired": [i.to_json() for i in issues if i.action == coco.REPAIRED],
+        }
+        (tmp / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    elapsed = time.monotonic() - started
+    return {**summary, "out_dir": str(out), "elapsed_seconds": round(elapsed, 3),
+            "images_per_second": round(done / max(elapsed, 1e-9), 2)}
+
+
+def _replace_dir(complete: Path, out: Path) -> None:
+    """Moves `complete` to `out`; an existing `out` is replaced only now, by two renames."""
+    if not out.exists():
+        os.rename(complete, out)
+        return
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    os.rename(out, old)
+    os.rename(complete, out)
+    shutil.rmtree(old, ignore_errors=True)
