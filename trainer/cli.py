@@ -37,6 +37,54 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
+def _add_data(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="prepare datasets as TFRecord shards")
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prepare = actions.add_parser(
+        "prepare",
+        help="synthetic shapes or a COCO dataset -> TFRecord shards + dataset.json",
+        description="Writes {split}-NNNNN-of-NNNNN.tfrecord shards, dataset.json and "
+        "val_annotations.json into --out (replaced only when complete).",
+    )
+    prepare.add_argument("--source", choices=("shapes", "coco"), default="shapes")
+    prepare.add_argument("--out", required=True, help="output folder (local)")
+    prepare.add_argument("--annotations", help="coco: instances JSON (path or gs://)")
+    prepare.add_argument("--images", help="coco: images folder (path or gs://bucket/prefix)")
+    prepare.add_argument("--count", type=int, help="shapes: images to generate (default "
+                         "500); coco: read at most this many images")
+    prepare.add_argument("--image-size", type=int, help="shapes: image side in px (128)")
+    prepare.add_argument("--val-fraction", type=float, default=0.1)
+    prepare.add_argument("--shards", type=int, default=4, help="train shards (default 4)")
+    prepare.add_argument("--workers", type=int, help="encoding processes (default: CPUs)")
+    prepare.add_argument("--categories", nargs="+", metavar="NAME",
+                         help="keep only these category names")
+    prepare.add_argument("--seed", type=int, default=0, help="shapes seed and split salt")
+    prepare.add_argument("--json", action="store_true", help="print the summary as JSON")
+    prepare.set_defaults(handler=_data_prepare)
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from trainer.data.prepare import prepare_dataset
+
+    summary = prepare_dataset(
+        args.source, args.out, annotations=args.annotations, images=args.images,
+        count=args.count, image_size=args.image_size, val_fraction=args.val_fraction,
+        shards=args.shards, workers=args.workers, categories=args.categories, seed=args.seed,
+    )
+    if args.json:
+        _print_json(summary)
+    else:
+        splits = ", ".join(f"{name} {s['images']}" for name, s in summary["splits"].items())
+        skipped = sum(summary["skipped_counts"].values())
+        print(f"prepared {summary['out_dir']}: {splits} images, {skipped} records skipped, "
+              f"{sum(summary['repaired_counts'].values())} repaired "
+              f"({summary['images_per_second']} images/s)")
+    return 0
+
+
+_COMMANDS.append(_add_data)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
