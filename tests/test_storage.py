@@ -93,6 +93,14 @@ def test_gcs_crc32c_mismatch_is_reported(gcs: GcsEmulator, tmp_path: Path) -> No
     assert leftovers(tmp_path) == []
 
 
+def test_emulator_host_without_scheme(
+    gcs: GcsEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gcs.client().create_bucket("b").blob("k").upload_from_string(b"data")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url.removeprefix("http://"))  # host:port
+    assert storage.read_bytes("gs://b/k") == b"data"
+
+
 def test_gcs_missing_object_and_bucket(gcs: GcsEmulator, tmp_path: Path) -> None:
     gcs.client().create_bucket("b")
     with pytest.raises(StorageError, match="^not found: gs://b/missing.h5$"):
@@ -114,6 +122,8 @@ def test_gcs_read_bytes_list_uris_and_upload(gcs: GcsEmulator, tmp_path: Path) -
     ]
     assert len(storage.list_uris("gs://data/coco")) == 3  # a plain prefix, as GCS lists
     assert storage.list_uris("gs://data/nothing/") == []
+    with pytest.raises(StorageError, match="^not found: gs://nobucket/$"):
+        storage.list_uris("gs://nobucket/")
 
     (tmp_path / "report.json").write_bytes(b'{"ok": true}')
     assert storage.upload(tmp_path / "report.json", "gs://data/runs/report.json") == (
@@ -249,7 +259,8 @@ def test_local_read_list_and_upload(tmp_path: Path) -> None:
         storage.read_bytes(str(tmp_path / "nope.json"))
 
     dest = tmp_path / "out" / "copy.json"
-    assert storage.upload(tmp_path / "data" / "annotations.json", str(dest)) == str(dest)
+    source = (tmp_path / "data" / "annotations.json").as_uri()
+    assert storage.upload(source, str(dest)) == str(dest)
     assert dest.read_bytes() == b"annotations.json"
     assert leftovers(dest.parent) == ["copy.json"]
 

@@ -36,8 +36,7 @@ Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes if kn
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = (10.0, 60.0)  # (connect, read between two chunks)
-BACKOFF_SECONDS = 0.5  # pause before the first retry; doubles each retry, jittered
-MAX_BACKOFF_SECONDS = 30.0
+BACKOFF_SECONDS = 0.5  # pause before the first retry; doubles each retry (at most 30 s)
 
 
 @dataclass(frozen=True)
@@ -183,12 +182,16 @@ def _open_http(url: str) -> _Body:
 def _client_for(emulator_host: str | None) -> Any:
     from google.cloud import storage
 
-    if emulator_host:
-        from google.auth.credentials import AnonymousCredentials
+    if not emulator_host:
+        return storage.Client()
+    from google.auth.credentials import AnonymousCredentials
 
-        project = os.environ.get("GOOGLE_CLOUD_PROJECT", "mrcnn-emulator")
-        return storage.Client(project=project, credentials=AnonymousCredentials())
-    return storage.Client()
+    endpoint = emulator_host if "://" in emulator_host else f"http://{emulator_host}"
+    return storage.Client(
+        project=os.environ.get("GOOGLE_CLOUD_PROJECT", "mrcnn-emulator"),
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": endpoint},
+    )
 
 
 def _gcs(uri: str, call: Callable[[Any], T]) -> T:
@@ -207,7 +210,7 @@ def _gcs(uri: str, call: Callable[[Any], T]) -> T:
         code = err.code or 0
         raise (_Transient if code in (408, 429) or code >= 500 else StorageError)(reason) from err
     except (requests.RequestException, auth.TransportError) as err:
-        raise _Transient(f"cannot reach GCS for {uri}: {type(err).__name__}") from err
+        raise _Transient(f"connection to GCS failed for {uri}: {type(err).__name__}") from err
     except DataCorruption as err:
         raise StorageError(f"checksum mismatch for {uri}: the bytes differ from GCS's") from err
     except auth.DefaultCredentialsError as err:
@@ -277,8 +280,7 @@ def _with_retries(action: Callable[[], T], retries: int, backoff_seconds: float)
         except _Transient as err:
             if attempt >= retries:
                 raise StorageError(f"{err} (gave up after {attempt + 1} attempts)") from err
-            delay = min(MAX_BACKOFF_SECONDS, backoff_seconds * 2**attempt)
-            delay *= random.uniform(0.5, 1.0)
+            delay = min(30.0, backoff_seconds * 2**attempt) * random.uniform(0.5, 1.0)
             attempt += 1
             log.warning("%s; retry %d of %d in %.2f s", err, attempt, retries, delay)
             time.sleep(delay)
@@ -339,13 +341,12 @@ def download(
 ) -> DownloadResult:
     """Fetch `source` (gs://, http(s)://, file:// or a local path) to the file `dest`.
 
-    Transient failures are retried `retries` times, pausing `backoff_seconds` and doubling.
-    The file appears at `dest` only complete and verified (size, GCS's crc32c/md5, `sha256`
-    if given); on failure `dest` stays as it was. Remote sources are cached in `cache_dir`
-    (default `default_cache_dir()`), keyed by source and `sha256`, else by the server's
-    version (ETag, generation) and size. `progress(done, total)` is called per chunk.
-    Raises `StorageError` with a one-line reason.
-    """
+    Transient failures are retried `retries` times, pausing `backoff_seconds`, then doubling.
+    `dest` appears only complete and verified (size, GCS's crc32c/md5, `sha256` if given); on
+    failure it stays as it was. Remote sources are cached in `cache_dir` (default
+    `default_cache_dir()`) under source + `sha256`, else source + the server's version (ETag
+    or generation) and size. `progress(done, total)` is called per chunk. Raises
+    `StorageError` with a one-line reason."""
     source, dest = str(source), Path(dest).expanduser()
     expected = sha256.strip().lower() if sha256 else None
     cache = Path(cache_dir or default_cache_dir()).expanduser() if is_remote(source) else None
@@ -382,7 +383,7 @@ def download(
 def upload(path: str | Path, dest_uri: str, *, retries: int = 4) -> str:
     """Copy the local file `path` to `dest_uri` (gs:// or local) and return `dest_uri`.
     Local copies are atomic; GCS checks the upload's crc32c."""
-    src, dest_uri = Path(path).expanduser(), str(dest_uri)
+    src, dest_uri = _local_path(path), str(dest_uri)
     if not src.is_file():
         raise StorageError(f"not found: {src}")
     if dest_uri.startswith("gs://"):
@@ -390,7 +391,8 @@ def upload(path: str | Path, dest_uri: str, *, retries: int = 4) -> str:
 
         def put(client: Any) -> None:
             blob = client.bucket(bucket).blob(key)
-            blob.upload_from_filename(str(src), checksum="crc32c", retry=None, timeout=60.0)
+            kwargs = {"checksum": "crc32c", "retry": None, "timeout": TIMEOUT_SECONDS}
+            blob.upload_from_filename(str(src), **kwargs)
 
         _with_retries(lambda: _gcs(dest_uri, put), retries, BACKOFF_SECONDS)
         return dest_uri
