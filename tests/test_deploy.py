@@ -478,8 +478,12 @@ def test_retraining_cronjob_submits_the_pipeline_baked_into_the_image(overlays):
     assert the_object(overlays["dev"], "CronJob", "mask-rcnn-retrain")["spec"]["suspend"] is True
     assert the_object(overlays["prod"], "CronJob", "mask-rcnn-retrain")["spec"]["suspend"] is False
 
-    args = retrain_container(overlays["prod"])["args"]
+    container = retrain_container(overlays["prod"])
+    args = container["args"]
     assert args[:2] == ["pipeline", "submit"]
+    config = the_object(overlays["prod"], "ConfigMap", PIPELINE_CONFIG)["data"]
+    assert args[args.index("--host") + 1] == config["KFP_HOST"]
+    assert container["envFrom"] == [{"configMapRef": {"name": PIPELINE_CONFIG}}]
     package = args[args.index("--package") + 1]
     copied_to = re.findall(r"^COPY\s+(?:--\S+\s+)*\S+\s+(\S+)$", DOCKERFILE.read_text(), re.M)
     assert package in copied_to, "the CronJob's --package is not a file the Dockerfile copies"
