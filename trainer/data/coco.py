@@ -209,7 +209,7 @@ def read_task(context: CocoContext, task: CocoTask) -> tuple[AnnotatedImage | No
     try:
         data = storage.read_bytes(uri)
     except StorageError as err:
-        reason = MISSING_IMAGE if "not found" in str(err) else UNREADABLE_IMAGE
+        reason = MISSING_IMAGE if _is_missing(err) else UNREADABLE_IMAGE
         return None, [Issue(name, reason, str(err))]
     try:
         encoded, image_format, (file_width, file_height) = _checked_image_bytes(data)
@@ -245,6 +245,17 @@ def read_task(context: CocoContext, task: CocoTask) -> tuple[AnnotatedImage | No
         is_crowd=np.asarray(crowd, dtype=bool),
         sha256=hashlib.sha256(data).hexdigest(),
     ), issues
+
+
+def _is_missing(err: BaseException) -> bool:
+    """Whether a storage failure means "no such file or object" (not a permission or
+    network problem), judged by the causes storage chained to it."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, FileNotFoundError) or type(cause).__name__ == "NotFound":
+            return True
+        cause = cause.__cause__
+    return str(err).startswith("not found")
 
 
 def _checked_image_bytes(data: bytes) -> tuple[bytes, str, tuple[int, int]]:
