@@ -1,0 +1,54 @@
+"""The second stage: the box classifier/regressor head and the mask head (matterport's names).
+
+Both run on ROIs pooled from P2..P5. Their "fully connected" layers are convolutions wrapped in
+TimeDistributed (one application per ROI), so weights carry over from matterport's h5 as is.
+"""
+
+from __future__ import annotations
+
+from keras import layers
+
+from trainer.model.batch_norm import BatchNorm
+from trainer.model.roi_align import PyramidROIAlign
+
+
+def classifier_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: int,
+                    train_bn: bool, fc_size: int = 1024):
+    """rois float32 [B, R, 4] normalised -> (class logits [B, R, num_classes],
+    class probabilities [B, R, num_classes], box deltas [B, R, num_classes, 4])."""
+    num_rois = rois.shape[1]
+    x = PyramidROIAlign((pool_size, pool_size), name="roi_align_classifier")(
+        [rois, image_meta, *feature_maps])
+    x = layers.TimeDistributed(layers.Conv2D(fc_size, pool_size, padding="valid"),
+                               name="mrcnn_class_conv1")(x)
+    x = layers.TimeDistributed(BatchNorm(train_bn), name="mrcnn_class_bn1")(x)
+    x = layers.Activation("relu")(x)
+    x = layers.TimeDistributed(layers.Conv2D(fc_size, 1), name="mrcnn_class_conv2")(x)
+    x = layers.TimeDistributed(BatchNorm(train_bn), name="mrcnn_class_bn2")(x)
+    x = layers.Activation("relu")(x)
+    shared = layers.Reshape((num_rois, fc_size), name="pool_squeeze")(x)
+
+    logits = layers.TimeDistributed(layers.Dense(num_classes), name="mrcnn_class_logits")(shared)
+    probs = layers.Activation("softmax", name="mrcnn_class")(logits)
+    x = layers.TimeDistributed(layers.Dense(num_classes * 4), name="mrcnn_bbox_fc")(shared)
+    deltas = layers.Reshape((num_rois, num_classes, 4), name="mrcnn_bbox")(x)
+    return logits, probs, deltas
+
+
+def mask_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: int,
+              train_bn: bool):
+    """rois float32 [B, R, 4] normalised -> mask logits [B, R, 2 * pool, 2 * pool, num_classes].
+
+    `mrcnn_mask` has no activation here (matterport's has a sigmoid): the loss works on logits,
+    which is exact where the sigmoid saturates; inference applies the sigmoid after it.
+    """
+    x = PyramidROIAlign((pool_size, pool_size), name="roi_align_mask")(
+        [rois, image_meta, *feature_maps])
+    for i in range(1, 5):
+        x = layers.TimeDistributed(layers.Conv2D(256, 3, padding="same"),
+                                   name=f"mrcnn_mask_conv{i}")(x)
+        x = layers.TimeDistributed(BatchNorm(train_bn), name=f"mrcnn_mask_bn{i}")(x)
+        x = layers.Activation("relu")(x)
+    x = layers.TimeDistributed(layers.Conv2DTranspose(256, 2, strides=2, activation="relu"),
+                               name="mrcnn_mask_deconv")(x)
+    return layers.TimeDistributed(layers.Conv2D(num_classes, 1), name="mrcnn_mask")(x)

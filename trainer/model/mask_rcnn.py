@@ -1,0 +1,201 @@
+"""Mask R-CNN graphs for training and inference: wiring only.
+
+Both graphs are built from the same named layers, so weights move between them (and from
+matterport's h5 files) by layer name. The training model returns predictions and targets;
+`MaskRCNNTrainingModel` computes the losses from them in its train/test steps.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+from trainer.config import LOSS_NAMES, Config
+from trainer.model import losses
+from trainer.model.anchors import AnchorsLayer
+from trainer.model.backbone import resnet_graph
+from trainer.model.box_ops import NormBoxes
+from trainer.model.detection import DetectionLayer
+from trainer.model.fpn import fpn_graph
+from trainer.model.heads import classifier_head, mask_head
+from trainer.model.image_meta import parse_image_meta
+from trainer.model.proposals import ProposalLayer
+from trainer.model.rpn import build_rpn_model, rpn_graph
+from trainer.model.targets import DetectionTargetLayer
+
+
+def _image_input(config: Config) -> keras.KerasTensor:
+    # square and crop modes give one fixed size; pad64 and none give any multiple of 64.
+    side = None if config.IMAGE_RESIZE_MODE in ("pad64", "none") else int(config.IMAGE_SHAPE[0])
+    return keras.Input(shape=(side, side, config.IMAGE_CHANNEL_COUNT), name="input_image")
+
+
+def _shared_graph(config: Config, image, proposal_count: int):
+    """Backbone, FPN, RPN and proposals: what both modes share."""
+    c2, c3, c4, c5 = resnet_graph(image, config.BACKBONE, config.TRAIN_BN)
+    pyramid = fpn_graph(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE)
+    rpn = build_rpn_model(config.RPN_ANCHOR_STRIDE, config.ANCHORS_PER_LOCATION,
+                          config.TOP_DOWN_PYRAMID_SIZE)
+    rpn_class_logits, rpn_class, rpn_bbox = rpn_graph(rpn, pyramid)
+    anchors = AnchorsLayer(config.RPN_ANCHOR_SCALES, config.RPN_ANCHOR_RATIOS,
+                           config.BACKBONE_STRIDES, config.RPN_ANCHOR_STRIDE,
+                           name="anchors")(image)
+    rpn_rois = ProposalLayer(proposal_count, config.RPN_NMS_THRESHOLD, config.PRE_NMS_LIMIT,
+                             config.RPN_BBOX_STD_DEV, name="ROI")([rpn_class, rpn_bbox, anchors])
+    return pyramid[:4], rpn_class_logits, rpn_class, rpn_bbox, rpn_rois
+
+
+def build_training_model(config: Config) -> MaskRCNNTrainingModel:
+    """The training graph. Inputs (batch first): input_image float32 [H, W, C] (molded),
+    input_image_meta [META], input_rpn_match int32 [A], input_rpn_bbox [R, 4],
+    input_gt_class_ids int32 [G], input_gt_boxes [G, 4] pixels, input_gt_masks bool
+    [h, w, G] (mini-masks when USE_MINI_MASK)."""
+    image = _image_input(config)
+    mask_hw = config.MINI_MASK_SHAPE if config.USE_MINI_MASK else (None, None)
+    inputs = {
+        "input_image": image,
+        "input_image_meta": keras.Input((config.IMAGE_META_SIZE,), name="input_image_meta"),
+        "input_rpn_match": keras.Input((None,), dtype="int32", name="input_rpn_match"),
+        "input_rpn_bbox": keras.Input((config.RPN_TRAIN_ANCHORS_PER_IMAGE, 4),
+                                      name="input_rpn_bbox"),
+        "input_gt_class_ids": keras.Input((config.MAX_GT_INSTANCES,), dtype="int32",
+                                          name="input_gt_class_ids"),
+        "input_gt_boxes": keras.Input((config.MAX_GT_INSTANCES, 4), name="input_gt_boxes"),
+        "input_gt_masks": keras.Input((*mask_hw, config.MAX_GT_INSTANCES), dtype="bool",
+                                      name="input_gt_masks"),
+    }
+    meta = inputs["input_image_meta"]
+    feature_maps, rpn_class_logits, _, rpn_bbox, rpn_rois = _shared_graph(
+        config, image, config.POST_NMS_ROIS_TRAINING)
+    gt_boxes = NormBoxes(name="norm_gt_boxes")([inputs["input_gt_boxes"], image])
+    rois, target_class_ids, target_bbox, target_mask, roi_valid = DetectionTargetLayer(
+        config.TRAIN_ROIS_PER_IMAGE, config.ROI_POSITIVE_RATIO, config.BBOX_STD_DEV,
+        config.MASK_SHAPE, config.USE_MINI_MASK, name="proposal_targets",
+    )([rpn_rois, inputs["input_gt_class_ids"], gt_boxes, inputs["input_gt_masks"]])
+    class_logits, _, bbox = classifier_head(
+        rois, feature_maps, meta, pool_size=config.POOL_SIZE, num_classes=config.NUM_CLASSES,
+        train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
+    # Only positive ROIs (the first MAX_POSITIVE_ROIS slots) have mask targets: running the
+    # mask head on the others would cost most of the step and change nothing.
+    positive_rois = layers.Lambda(lambda r: r[:, : config.MAX_POSITIVE_ROIS],
+                                  name="positive_rois")(rois)
+    mask_logits = mask_head(positive_rois, feature_maps, meta, pool_size=config.MASK_POOL_SIZE,
+                            num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN)
+    outputs = {
+        "rpn_class_logits": rpn_class_logits,
+        "rpn_bbox": rpn_bbox,
+        "rpn_rois": rpn_rois,
+        "rois": rois,
+        "target_class_ids": target_class_ids,
+        "target_bbox": target_bbox,
+        "target_mask": target_mask,
+        "roi_valid": roi_valid,
+        "mrcnn_class_logits": class_logits,
+        "mrcnn_bbox": bbox,
+        "mrcnn_mask_logits": mask_logits,
+    }
+    return MaskRCNNTrainingModel(
+        inputs=inputs, outputs=outputs, loss_weights=config.LOSS_WEIGHTS,
+        weight_decay=config.WEIGHT_DECAY, name="mask_rcnn")
+
+
+def build_inference_model(config: Config) -> keras.Model:
+    """The inference graph. Inputs: input_image [H, W, C] (molded), input_image_meta [META].
+    Outputs (matterport's order): detections [N, (y1, x1, y2, x2, class_id, score)] normalised,
+    mrcnn_class [R, C], mrcnn_bbox [R, C, 4], mrcnn_mask [N, h, w, C] probabilities,
+    rpn_rois [R, 4], rpn_class [A, 2], rpn_bbox [A, 4]."""
+    image = _image_input(config)
+    meta = keras.Input((config.IMAGE_META_SIZE,), name="input_image_meta")
+    feature_maps, _, rpn_class, rpn_bbox, rpn_rois = _shared_graph(
+        config, image, config.POST_NMS_ROIS_INFERENCE)
+    _, class_probs, bbox = classifier_head(
+        rpn_rois, feature_maps, meta, pool_size=config.POOL_SIZE, num_classes=config.NUM_CLASSES,
+        train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
+    detections = DetectionLayer(
+        config.DETECTION_MAX_INSTANCES, config.DETECTION_MIN_CONFIDENCE,
+        config.DETECTION_NMS_THRESHOLD, config.BBOX_STD_DEV, name="mrcnn_detection",
+    )([rpn_rois, class_probs, bbox, meta])
+    detection_boxes = layers.Lambda(lambda d: d[..., :4], name="detection_boxes")(detections)
+    mask_logits = mask_head(detection_boxes, feature_maps, meta, pool_size=config.MASK_POOL_SIZE,
+                            num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN)
+    masks = layers.Activation("sigmoid", name="mrcnn_mask_probs")(mask_logits)
+    return keras.Model(
+        [image, meta], [detections, class_probs, bbox, masks, rpn_rois, rpn_class, rpn_bbox],
+        name="mask_rcnn")
+
+
+def weight_decay_loss(variables, weight_decay: float) -> tf.Tensor:
+    """Matterport's L2: sum over trainable weights, except BatchNorm gamma and beta, of
+    weight_decay * sum(w ** 2) / size(w)."""
+    terms = [
+        weight_decay * tf.reduce_sum(tf.square(v)) / tf.cast(tf.size(v), tf.float32)
+        for v in variables
+        if not (v.name.endswith("gamma") or v.name.endswith("beta"))
+    ]
+    return tf.add_n(terms) if terms else tf.constant(0.0)
+
+
+class MaskRCNNTrainingModel(keras.Model):
+    """The training graph plus its losses: `fit` trains it with no `loss=` argument.
+
+    Reports the five weighted losses and `loss` (their sum plus the L2 term) as metrics; Keras
+    prefixes them with `val_` on validation data.
+    """
+
+    def __init__(self, *args, loss_weights: dict[str, float], weight_decay: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_weights = dict(loss_weights)
+        self.weight_decay = float(weight_decay)
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", *LOSS_NAMES)}
+
+    def compute_losses(self, inputs: dict, outputs: dict) -> dict[str, tf.Tensor]:
+        """The five losses, each multiplied by its LOSS_WEIGHTS entry."""
+        active = parse_image_meta(inputs["input_image_meta"])["active_class_ids"]
+        positive_ids = outputs["target_class_ids"][:, : outputs["target_mask"].shape[1]]
+        values = {
+            "rpn_class_loss": losses.rpn_class_loss(
+                inputs["input_rpn_match"], outputs["rpn_class_logits"]),
+            "rpn_bbox_loss": losses.rpn_bbox_loss(
+                inputs["input_rpn_bbox"], inputs["input_rpn_match"], outputs["rpn_bbox"]),
+            "mrcnn_class_loss": losses.mrcnn_class_loss(
+                outputs["target_class_ids"], outputs["mrcnn_class_logits"], active,
+                outputs["roi_valid"]),
+            "mrcnn_bbox_loss": losses.mrcnn_bbox_loss(
+                outputs["target_bbox"], outputs["target_class_ids"], outputs["mrcnn_bbox"]),
+            "mrcnn_mask_loss": losses.mrcnn_mask_loss(
+                outputs["target_mask"], positive_ids, outputs["mrcnn_mask_logits"]),
+        }
+        return {name: value * self.loss_weights[name] for name, value in values.items()}
+
+    def _step_losses(self, data, training: bool):
+        inputs = data[0] if isinstance(data, tuple) else data
+        outputs = self(inputs, training=training)
+        values = self.compute_losses(inputs, outputs)
+        total = tf.add_n(list(values.values()))
+        total += weight_decay_loss(self.trainable_weights, self.weight_decay)
+        return total, values
+
+    def _update_trackers(self, total, values) -> dict[str, tf.Tensor]:
+        self.trackers["loss"].update_state(total)
+        for name, value in values.items():
+            self.trackers[name].update_state(value)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            total, values = self._step_losses(data, training=True)
+            # Gradients are summed across replicas: scale so the sum is the mean.
+            scaled = total / tf.distribute.get_strategy().num_replicas_in_sync
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+        return self._update_trackers(total, values)
+
+    def test_step(self, data):
+        total, values = self._step_losses(data, training=False)
+        return self._update_trackers(total, values)
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())

@@ -1,0 +1,68 @@
+"""Proposal layer: the RPN's best anchors, refined, clipped and thinned by NMS."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from trainer.model.box_ops import apply_box_deltas, clip_boxes
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class ProposalLayer(keras.layers.Layer):
+    """Selects `proposal_count` proposals per image.
+
+    Inputs: rpn_probs float32 [B, A, 2], rpn_bbox float32 [B, A, (dy, dx, log(dh), log(dw))]
+    (divided by RPN_BBOX_STD_DEV, as the RPN learns them), anchors float32 [A, 4] normalised.
+    Output: float32 [B, proposal_count, (y1, x1, y2, x2)] normalised, best first, zero-padded
+    when NMS leaves fewer boxes.
+    """
+
+    def __init__(self, proposal_count: int, nms_threshold: float, pre_nms_limit: int,
+                 rpn_bbox_std_dev=(0.1, 0.1, 0.2, 0.2), **kwargs):
+        super().__init__(**kwargs)
+        self.proposal_count = int(proposal_count)
+        self.nms_threshold = float(nms_threshold)
+        self.pre_nms_limit = int(pre_nms_limit)
+        self.rpn_bbox_std_dev = tuple(float(s) for s in rpn_bbox_std_dev)
+
+    def call(self, inputs):
+        rpn_probs, rpn_bbox, anchors = inputs
+        scores = rpn_probs[..., 1]
+        deltas = rpn_bbox * tf.constant(self.rpn_bbox_std_dev)
+        # Keep the best-scoring anchors only: NMS over all of them would cost far more.
+        limit = tf.minimum(self.pre_nms_limit, tf.shape(anchors)[0])
+        top = tf.math.top_k(scores, k=limit, sorted=True)
+        deltas = tf.gather(deltas, top.indices, batch_dims=1)
+        boxes = apply_box_deltas(tf.gather(anchors, top.indices), deltas)
+        boxes = clip_boxes(boxes, tf.constant([0.0, 0.0, 1.0, 1.0]))
+        return nms_padded(boxes, top.values, self.proposal_count, self.nms_threshold)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], self.proposal_count, 4)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "proposal_count": self.proposal_count,
+            "nms_threshold": self.nms_threshold,
+            "pre_nms_limit": self.pre_nms_limit,
+            "rpn_bbox_std_dev": list(self.rpn_bbox_std_dev),
+        }
+
+
+def nms_padded(boxes: tf.Tensor, scores: tf.Tensor, max_output: int,
+               iou_threshold: float) -> tf.Tensor:
+    """Batched NMS. boxes [B, N, 4] (y1 <= y2, x1 <= x2), scores [B, N] sorted descending.
+
+    Returns the kept boxes [B, max_output, 4] in score order, zero rows after the last one.
+    """
+    def one_image(args):
+        image_boxes, image_scores = args
+        keep = tf.image.non_max_suppression(image_boxes, image_scores, max_output, iou_threshold)
+        kept = tf.gather(image_boxes, keep)
+        return tf.pad(kept, [[0, max_output - tf.shape(kept)[0]], [0, 0]])
+
+    out = tf.map_fn(one_image, (boxes, scores),
+                    fn_output_signature=tf.TensorSpec([max_output, 4], tf.float32))
+    return tf.ensure_shape(out, [None, max_output, 4])
