@@ -19,6 +19,7 @@ import concurrent.futures
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -42,7 +43,8 @@ from trainer.errors import UserError
 SOURCES = ("shapes", "coco")
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
-IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: enough to hide latency, bounded memory
+TASKS_PER_CHUNK = 8  # images per round trip to a worker
+IN_FLIGHT_PER_WORKER = 3  # chunks queued per worker: hides latency, bounds memory
 
 
 def split_of(source_id: str, seed: int, val_fraction: float) -> str:
@@ -171,23 +173,30 @@ def _coco_annotation(image: coco.AnnotatedImage, i: int, area: float) -> dict:
     }
 
 
+def _run_chunk(fn: Callable, chunk: list) -> list:
+    return [fn(task) for task in chunk]
+
+
 def _ordered_results(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
-    """fn(task) for every task, in task order, with at most workers * IN_FLIGHT_PER_WORKER
-    tasks submitted and not yet consumed. Workers are spawned, not forked: the parent holds
-    TensorFlow and storage clients, neither of which survives a fork safely."""
+    """fn(task) for every task, in task order. Tasks travel in chunks of TASKS_PER_CHUNK (one
+    image is often cheaper than a round trip to a worker), with at most
+    workers * IN_FLIGHT_PER_WORKER chunks submitted and not yet consumed. Workers are spawned,
+    not forked: the parent holds TensorFlow and storage clients, which do not survive a fork
+    safely."""
     if workers <= 1:
         yield from map(fn, tasks)
         return
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+    task_iter = iter(tasks)
     try:
         pending: deque[concurrent.futures.Future] = deque()
-        for task in tasks:
-            pending.append(pool.submit(fn, task))
+        while chunk := list(itertools.islice(task_iter, TASKS_PER_CHUNK)):
+            pending.append(pool.submit(_run_chunk, fn, chunk))
             if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                yield pending.popleft().result()
+                yield from pending.popleft().result()
         while pending:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
