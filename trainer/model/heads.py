@@ -10,6 +10,7 @@ from keras import layers
 
 from trainer.model.batch_norm import BatchNorm
 from trainer.model.roi_align import PyramidROIAlign
+from trainer.model.time_distributed import TimeDistributed
 
 
 def classifier_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: int,
@@ -19,18 +20,18 @@ def classifier_head(rois, feature_maps, image_meta, *, pool_size: int, num_class
     num_rois = rois.shape[1]
     x = PyramidROIAlign((pool_size, pool_size), name="roi_align_classifier")(
         [rois, image_meta, *feature_maps])
-    x = layers.TimeDistributed(layers.Conv2D(fc_size, pool_size, padding="valid"),
+    x = TimeDistributed(layers.Conv2D(fc_size, pool_size, padding="valid"),
                                name="mrcnn_class_conv1")(x)
-    x = layers.TimeDistributed(BatchNorm(train_bn), name="mrcnn_class_bn1")(x)
+    x = TimeDistributed(BatchNorm(train_bn), name="mrcnn_class_bn1")(x)
     x = layers.Activation("relu")(x)
-    x = layers.TimeDistributed(layers.Conv2D(fc_size, 1), name="mrcnn_class_conv2")(x)
-    x = layers.TimeDistributed(BatchNorm(train_bn), name="mrcnn_class_bn2")(x)
+    x = TimeDistributed(layers.Conv2D(fc_size, 1), name="mrcnn_class_conv2")(x)
+    x = TimeDistributed(BatchNorm(train_bn), name="mrcnn_class_bn2")(x)
     x = layers.Activation("relu")(x)
     shared = layers.Reshape((num_rois, fc_size), name="pool_squeeze")(x)
 
-    logits = layers.TimeDistributed(layers.Dense(num_classes), name="mrcnn_class_logits")(shared)
+    logits = TimeDistributed(layers.Dense(num_classes), name="mrcnn_class_logits")(shared)
     probs = layers.Activation("softmax", name="mrcnn_class")(logits)
-    x = layers.TimeDistributed(layers.Dense(num_classes * 4), name="mrcnn_bbox_fc")(shared)
+    x = TimeDistributed(layers.Dense(num_classes * 4), name="mrcnn_bbox_fc")(shared)
     deltas = layers.Reshape((num_rois, num_classes, 4), name="mrcnn_bbox")(x)
     return logits, probs, deltas
 
@@ -45,10 +46,10 @@ def mask_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: in
     x = PyramidROIAlign((pool_size, pool_size), name="roi_align_mask")(
         [rois, image_meta, *feature_maps])
     for i in range(1, 5):
-        x = layers.TimeDistributed(layers.Conv2D(256, 3, padding="same"),
+        x = TimeDistributed(layers.Conv2D(256, 3, padding="same"),
                                    name=f"mrcnn_mask_conv{i}")(x)
-        x = layers.TimeDistributed(BatchNorm(train_bn), name=f"mrcnn_mask_bn{i}")(x)
+        x = TimeDistributed(BatchNorm(train_bn), name=f"mrcnn_mask_bn{i}")(x)
         x = layers.Activation("relu")(x)
-    x = layers.TimeDistributed(layers.Conv2DTranspose(256, 2, strides=2, activation="relu"),
+    x = TimeDistributed(layers.Conv2DTranspose(256, 2, strides=2, activation="relu"),
                                name="mrcnn_mask_deconv")(x)
-    return layers.TimeDistributed(layers.Conv2D(num_classes, 1), name="mrcnn_mask")(x)
+    return TimeDistributed(layers.Conv2D(num_classes, 1), name="mrcnn_mask")(x)
