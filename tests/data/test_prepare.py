@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,6 +127,28 @@ def test_interrupted_prepare_leaves_no_partial_output(tmp_path: Path,
     assert (out / "dataset.json").read_text() == before
 
 
+def test_sigterm_mid_run_leaves_no_partial_output(tmp_path: Path) -> None:
+    """A real signal to a real process, as when Kubernetes stops a pod."""
+    script = ("import sys; from trainer.data.prepare import prepare_dataset; "
+              "prepare_dataset('shapes', sys.argv[1], count=100000, image_size=64, workers=1)")
+    root = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out")], cwd=root,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.05)
+        time.sleep(0.3)  # well inside the run: records are being written
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    assert "KeyboardInterrupt: terminated by SIGTERM" in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_that_is_not_a_dataset_is_never_replaced(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(UserError, match="not a prepared dataset"):
@@ -217,6 +243,8 @@ def test_gs_source_through_the_emulator(gcs: GcsEmulator, tiny_coco: tuple[Path,
                             images=str(images), val_fraction=0.0, **QUIET)
     for name in local["splits"]["train"]["shards"]:  # same bytes, same records
         assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert remote["fingerprint"] == local["fingerprint"]  # content, not location
+    assert remote["source"]["images"] == "gs://datasets/tiny/images"
 
 
 def test_cli_prints_the_summary_as_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -16,6 +16,7 @@ and renamed into place only when complete.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import io
@@ -26,7 +27,9 @@ import multiprocessing
 import os
 import secrets
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from trainer.data import coco, shapes
 from trainer.errors import UserError
@@ -51,6 +53,19 @@ def split_of(source_id: str, seed: int, val_fraction: float) -> str:
     """"val" or "train" from a hash of the image id: stable when other images come or go."""
     digest = hashlib.sha256(f"{seed}/{source_id}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (a
+    container's limit, which os.cpu_count() does not see)."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
 
 
 def shard_names(split: str, count: int) -> list[str]:
@@ -154,23 +169,8 @@ def _encode_task(job: _Job, task) -> dict:
             "id": image.image_id, "file_name": image.filename,
             "height": image.height, "width": image.width,
         }
-        result["coco_annotations"] = [
-            _coco_annotation(image, i, areas[i]) for i in range(len(areas))
-        ]
+        result["coco_annotations"] = coco.coco_annotations(image)
     return result
-
-
-def _coco_annotation(image: coco.AnnotatedImage, i: int, area: float) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(image.masks[:, :, i].astype(np.uint8)))
-    y1, x1, y2, x2 = (float(v) for v in image.boxes[i])
-    return {
-        "image_id": image.image_id,
-        "category_id": int(image.class_ids[i]),
-        "segmentation": {"size": [image.height, image.width], "counts": rle["counts"].decode()},
-        "area": float(area),
-        "bbox": [x1, y1, x2 - x1, y2 - y1],
-        "iscrowd": int(image.is_crowd[i]),
-    }
 
 
 def _run_chunk(fn: Callable, chunk: list) -> list:
@@ -223,36 +223,6 @@ class _Progress:
         line = f"prepare: {done}{of} images, {skipped} skipped, {rate:.1f} images/s"
         sys.stderr.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
         sys.stderr.flush()
-
-
-class _JsonArray:
-    """A JSON array written item by item to a temporary file (memory stays flat)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.file, self.count = path, path.open("w"), 0
-
-    def append(self, item: dict) -> None:
-        self.file.write(("," if self.count else "") + json.dumps(item, separators=(",", ":")))
-        self.count += 1
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _write_val_annotations(path: Path, images: _JsonArray, anns: _JsonArray, categories) -> None:
-    images.close()
-    anns.close()
-    with path.open("w") as out:
-        out.write('{"info":{"description":"val split written by mrcnn data prepare"},')
-        out.write('"categories":' + json.dumps(categories) + ',"images":[')
-        with images.path.open() as part:
-            shutil.copyfileobj(part, out)
-        out.write('],"annotations":[')
-        with anns.path.open() as part:
-            shutil.copyfileobj(part, out)
-        out.write("]}\n")
-    images.path.unlink()
-    anns.path.unlink()
 
 
 def _plan(source: str, options: dict) -> tuple[_Job, Iterator, int | None, dict, list, list]:
@@ -322,7 +292,7 @@ def prepare_dataset(
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shards < 1:
         raise UserError(f"--shards must be >= 1, got {shards}")
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = available_cpus() if workers is None else workers
     out = Path(out_dir).expanduser().absolute()
     if str(out_dir).startswith("gs://"):
         raise UserError("--out must be a local folder: prepare locally, then upload it")
@@ -335,85 +305,120 @@ def prepare_dataset(
                    categories=list(categories) if categories else None)
     job, tasks, total, description, category_list, issues = _plan(source, options)
 
-    from trainer.data import tfrecord  # TensorFlow only in the parent, only when needed
+    from trainer.data import tfrecord  # noqa: F401  TensorFlow: parent only, imported before
+    # the output folder exists, so that an interruption during the import has nothing to undo.
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     tmp.mkdir()
     started = time.monotonic()
     try:
-        shard_counts = {"train": shards, "val": math.ceil(shards * val_fraction)}
-        names = {split: shard_names(split, n) for split, n in shard_counts.items()}
-        writers = {split: [tfrecord.tf.io.TFRecordWriter(str(tmp / name)) for name in files]
-                   for split, files in names.items()}
-        val_images, val_anns = _JsonArray(tmp / ".val_images"), _JsonArray(tmp / ".val_anns")
-        stats = {split: Counter() for split in SPLITS}
-        fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode())
-        bar = _Progress(total, progress)
-        done = skipped_images = 0
-        for result in _ordered_results(functools.partial(_encode_task, job), tasks, workers):
-            issues.extend(result["issues"])
-            done += 1
-            if result["fields"] is None:
-                skipped_images += 1
-                reasons = ",".join(i.reason for i in result["issues"])
-                fingerprint.update(f"{result['name']}:skipped:{reasons}\n".encode())
-            else:
-                split, fields = result["split"], result["fields"]
-                fingerprint.update(f"{fields['source_id']}:{result['sha256']}\n".encode())
-                split_stats = stats[split]
-                shard = split_stats["images"] % shard_counts[split]
-                writers[split][shard].write(tfrecord.encode_example(**fields))
-                split_stats["images"] += 1
-                split_stats["objects"] += len(fields["class_ids"])
-                split_stats["crowd_objects"] += sum(fields["is_crowd"])
-                if split == "val":
-                    val_images.append(result["coco_image"])
-                    for ann in result["coco_annotations"]:
-                        val_anns.append({"id": val_anns.count + 1, **ann})
-            bar.update(done, skipped_images)
-        bar.update(done, skipped_images, final=True)
-        for split_writers in writers.values():
-            for writer in split_writers:
-                writer.close()
-        coco_categories = [{"id": c["id"], "name": c["name"], "supercategory": source}
-                           for c in category_list]
-        _write_val_annotations(tmp / "val_annotations.json", val_images, val_anns,
-                               coco_categories)
-        if not any(stats[split]["images"] for split in SPLITS):
-            reasons = dict(Counter(i.reason for i in issues if i.action == coco.SKIPPED))
-            raise UserError(f"no usable image in the {source} source ({done} read, skipped "
-                            f"by reason: {reasons}): check --annotations/--images and "
-                            "--categories")
-        summary = {
-            "format_version": FORMAT_VERSION,
-            "source": description,
-            "fingerprint": f"sha256:{fingerprint.hexdigest()}",
-            "class_names": list(job.class_names),
-            "categories": category_list,
-            "options": {"val_fraction": val_fraction, "shards": shards, "seed": seed,
-                        "categories": options["categories"], "count": count},
-            "splits": {split: {"images": stats[split]["images"],
-                               "objects": stats[split]["objects"],
-                               "crowd_objects": stats[split]["crowd_objects"],
-                               "shards": names[split]} for split in SPLITS},
-            "val_annotations": "val_annotations.json",
-            "images_read": done,
-            "skipped_counts": dict(sorted(Counter(
-                i.reason for i in issues if i.action == coco.SKIPPED).items())),
-            "repaired_counts": dict(sorted(Counter(
-                i.reason for i in issues if i.action == coco.REPAIRED).items())),
-            "skipped": [i.to_json() for i in issues if i.action == coco.SKIPPED],
-            "repaired": [i.to_json() for i in issues if i.action == coco.REPAIRED],
-        }
-        (tmp / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _replace_dir(tmp, out)
+        with _terminate_as_interrupt():
+            summary = _write_dataset(tmp, job, tasks, total, description, category_list,
+                                     issues, {**options, "shards": shards, "workers": workers,
+                                              "progress": progress})
+            _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     elapsed = time.monotonic() - started
+    done = summary["images_read"]
     return {**summary, "out_dir": str(out), "elapsed_seconds": round(elapsed, 3),
             "images_per_second": round(done / max(elapsed, 1e-9), 2)}
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a pod being stopped) raises KeyboardInterrupt, so cleanup runs; only where no
+    other handler is installed, and only in the main thread (where signals are delivered)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt("terminated by SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _write_dataset(tmp: Path, job: _Job, tasks: Iterator, total: int | None, description: dict,
+                   category_list: list[dict], issues: list, settings: dict) -> dict:
+    """Writes shards, val_annotations.json and dataset.json into `tmp`; returns the summary."""
+    from trainer.data import tfrecord
+
+    source, shards, val_fraction = job.source, settings["shards"], job.val_fraction
+    shard_counts = {"train": shards, "val": math.ceil(shards * val_fraction)}
+    names = {split: shard_names(split, n) for split, n in shard_counts.items()}
+    writers = {split: [tfrecord.tf.io.TFRecordWriter(str(tmp / name)) for name in files]
+               for split, files in names.items()}
+    coco_categories = [{"id": c["id"], "name": c["name"], "supercategory": source}
+                       for c in category_list]
+    val_json = coco.CocoJsonWriter(tmp / "val_annotations.json", coco_categories)
+    stats = {split: Counter() for split in SPLITS}
+    # The fingerprint covers content as read, not where it was read from: the same data
+    # under another path or bucket gives the same fingerprint.
+    content = {k: v for k, v in description.items() if k not in ("annotations", "images")}
+    fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
+    bar = _Progress(total, settings["progress"])
+    done = skipped_images = 0
+    encode = functools.partial(_encode_task, job)
+    for result in _ordered_results(encode, tasks, settings["workers"]):
+        issues.extend(result["issues"])
+        done += 1
+        if result["fields"] is None:
+            skipped_images += 1
+            reasons = ",".join(i.reason for i in result["issues"])
+            fingerprint.update(f"{result['name']}:skipped:{reasons}\n".encode())
+        else:
+            split, fields = result["split"], result["fields"]
+            fingerprint.update(f"{fields['source_id']}:{result['sha256']}\n".encode())
+            split_stats = stats[split]
+            shard = split_stats["images"] % shard_counts[split]
+            writers[split][shard].write(tfrecord.encode_example(**fields))
+            split_stats["images"] += 1
+            split_stats["objects"] += len(fields["class_ids"])
+            split_stats["crowd_objects"] += sum(fields["is_crowd"])
+            if split == "val":
+                val_json.add(result["coco_image"], result["coco_annotations"])
+        bar.update(done, skipped_images)
+    bar.update(done, skipped_images, final=True)
+    for split_writers in writers.values():
+        for writer in split_writers:
+            writer.close()
+    val_json.close()
+    if not any(stats[split]["images"] for split in SPLITS):
+        reasons = dict(Counter(i.reason for i in issues if i.action == coco.SKIPPED))
+        raise UserError(f"no usable image in the {source} source ({done} read, skipped "
+                        f"by reason: {reasons}): check --annotations/--images and "
+                        "--categories")
+    summary = {
+        "format_version": FORMAT_VERSION,
+        "source": description,
+        "fingerprint": f"sha256:{fingerprint.hexdigest()}",
+        "class_names": list(job.class_names),
+        "categories": category_list,
+        "options": {"val_fraction": val_fraction, "shards": shards, "seed": job.seed,
+                "categories": settings["categories"], "count": settings["count"]},
+        "splits": {split: {"images": stats[split]["images"],
+                           "objects": stats[split]["objects"],
+                           "crowd_objects": stats[split]["crowd_objects"],
+                           "shards": names[split]} for split in SPLITS},
+        "val_annotations": "val_annotations.json",
+        "images_read": done,
+        "skipped_counts": dict(sorted(Counter(
+            i.reason for i in issues if i.action == coco.SKIPPED).items())),
+        "repaired_counts": dict(sorted(Counter(
+            i.reason for i in issues if i.action == coco.REPAIRED).items())),
+        "skipped": [i.to_json() for i in issues if i.action == coco.SKIPPED],
+        "repaired": [i.to_json() for i in issues if i.action == coco.REPAIRED],
+    }
+    (tmp / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def _replace_dir(complete: Path, out: Path) -> None:
