@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
+from tests.data.conftest import tiny_coco_dict, write_coco
 from trainer.data import coco
 from trainer.errors import UserError
 
@@ -84,3 +85,23 @@ def test_not_a_coco_json_is_a_user_error(tmp_path: Path) -> None:
     path.write_text(json.dumps({"images": []}))
     with pytest.raises(UserError, match="not a COCO instances JSON.*categories"):
         coco.CocoSource(str(path), str(tmp_path))
+
+
+def test_malformed_entries_are_reported_not_raised(tmp_path: Path) -> None:
+    data = tiny_coco_dict()
+    annotations, images = write_coco(tmp_path, data)
+    data["images"] += ["not an object", dict(data["images"][0]),  # a string; a repeated id
+                       {"id": 40, "file_name": "d.png", "height": "48", "width": 64}]
+    data["annotations"] += [7, {"id": 9, "image_id": 30, "category_id": 7,
+                                "segmentation": "oops", "bbox": [1, 1, 2, 2]}]
+    annotations.write_text(json.dumps(data))
+    source = coco.CocoSource(str(annotations), str(images))
+    issues: list[coco.Issue] = []
+    tasks = list(source.tasks(issues))
+    assert [(i.record, i.reason) for i in issues] == [
+        ("images[3]", coco.BAD_IMAGE_ENTRY), ("a.png", coco.DUPLICATE_IMAGE_ID)]
+    image_d, issues_d = coco.read_task(source.context, tasks[-1])
+    assert image_d is None and [i.reason for i in issues_d] == [coco.BAD_IMAGE_ENTRY]
+    image_c, issues_c = coco.read_task(source.context, tasks[2])  # keeps its good object
+    assert image_c.class_ids.tolist() == [2]
+    assert [(i.annotation_id, i.reason) for i in issues_c] == [(9, coco.BAD_SEGMENTATION)]

@@ -44,6 +44,7 @@ BOX_OUTSIDE_IMAGE = "box_outside_image"
 BOX_CLIPPED = "box_clipped"
 ZERO_AREA = "zero_area"
 UNKNOWN_CATEGORY = "unknown_category"
+UNREADABLE_RECORD = "unreadable_record"  # an error no check above foresaw
 
 SKIPPED, REPAIRED = "skipped", "repaired"
 
@@ -156,7 +157,8 @@ class CocoSource:
         self._images = images_list
         self._by_image: dict[object, list[dict]] = defaultdict(list)
         for ann in annotations_list:
-            self._by_image[ann.get("image_id")].append(ann)
+            if isinstance(ann, dict):
+                self._by_image[ann.get("image_id")].append(ann)
 
     def __len__(self) -> int:
         return len(self._images)
@@ -168,10 +170,13 @@ class CocoSource:
         for index, image in enumerate(self._images):
             if limit is not None and index >= limit:
                 break
-            image_id = image.get("id") if isinstance(image, dict) else None
+            if not isinstance(image, dict):
+                issues.append(Issue(f"images[{index}]", BAD_IMAGE_ENTRY, "not an object"))
+                continue
+            image_id = image.get("id")
             if image_id in seen:
-                name = str(image.get("file_name", image_id))
-                issues.append(Issue(name, DUPLICATE_IMAGE_ID, f"image id {image_id} repeats"))
+                issues.append(Issue(record_name(image), DUPLICATE_IMAGE_ID,
+                                    f"image id {image_id} repeats"))
                 continue
             seen.add(image_id)
             yield CocoTask(image, self._by_image.get(image_id, []))
@@ -188,10 +193,15 @@ class CocoSource:
 # === Reading one image (runs in a worker) ===
 
 
+def record_name(entry: dict) -> str:
+    """How an image entry is named in reports: its file name, else its id."""
+    return str(entry.get("file_name", entry.get("id")))
+
+
 def read_task(context: CocoContext, task: CocoTask) -> tuple[AnnotatedImage | None, list[Issue]]:
     """Reads and checks one image and decodes its objects; None when the image is skipped."""
     entry = task.image
-    name = str(entry.get("file_name", entry.get("id")))
+    name = record_name(entry)
     try:
         image_id, height, width = entry["id"], entry["height"], entry["width"]
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (image_id, height,

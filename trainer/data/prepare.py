@@ -134,12 +134,13 @@ def _encode_task(job: _Job, task) -> dict:
         image, issues = _read_shapes(job.context, task)
         record_name = f"shapes-{task:06d}.png"
     else:
-        record_name = str(task.image.get("file_name", task.image.get("id")))
+        record_name = coco.record_name(task.image)
         try:
             image, issues = coco.read_task(job.context, task)
         except Exception as err:  # a record nothing above foresaw must not stop the run
             image = None
-            issues = [coco.Issue(record_name, "unreadable_record", f"{type(err).__name__}: {err}")]
+            detail = f"{type(err).__name__}: {err}"
+            issues = [coco.Issue(record_name, coco.UNREADABLE_RECORD, detail)]
     result = {"name": record_name, "issues": issues, "fields": None}
     if image is None:
         return result
@@ -305,8 +306,8 @@ def prepare_dataset(
                    categories=list(categories) if categories else None)
     job, tasks, total, description, category_list, issues = _plan(source, options)
 
-    from trainer.data import tfrecord  # noqa: F401  TensorFlow: parent only, imported before
-    # the output folder exists, so that an interruption during the import has nothing to undo.
+    # TensorFlow (parent only) loads here, before any output folder exists.
+    from trainer.data import tfrecord  # noqa: F401
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
@@ -403,7 +404,7 @@ def _write_dataset(tmp: Path, job: _Job, tasks: Iterator, total: int | None, des
         "class_names": list(job.class_names),
         "categories": category_list,
         "options": {"val_fraction": val_fraction, "shards": shards, "seed": job.seed,
-                "categories": settings["categories"], "count": settings["count"]},
+                    "categories": settings["categories"], "count": settings["count"]},
         "splits": {split: {"images": stats[split]["images"],
                            "objects": stats[split]["objects"],
                            "crowd_objects": stats[split]["crowd_objects"],
