@@ -18,7 +18,13 @@ from tests.data.conftest import HEIGHT, WIDTH, tiny_coco_dict, write_coco, write
 from tests.servers import GcsEmulator, gcs_emulator
 from trainer import cli
 from trainer.data import coco, shapes, tfrecord
-from trainer.data.prepare import prepare_dataset, split_of
+from trainer.data.prepare import (
+    IN_FLIGHT_PER_WORKER,
+    TASKS_PER_CHUNK,
+    _ordered_results,
+    prepare_dataset,
+    split_of,
+)
 from trainer.errors import UserError
 
 QUIET = {"workers": 1, "progress": False}
@@ -258,3 +264,20 @@ def test_cli_prints_the_summary_as_json(tmp_path: Path, capsys: pytest.CaptureFi
     code = cli.main(["data", "prepare", "--out", str(tmp_path / "x"), "--source", "coco"])
     assert code == 2
     assert "needs --annotations" in capsys.readouterr().err
+
+
+def test_tasks_are_pulled_lazily_into_a_bounded_pool() -> None:
+    """Memory stays flat: the task iterator runs at most a fixed number of tasks ahead of the
+    results consumed, whatever the dataset size; results keep task order."""
+    pulled: list[int] = []
+
+    def tasks() -> Iterator[int]:
+        for i in range(300):
+            pulled.append(i)
+            yield -i
+
+    bound = 2 * IN_FLIGHT_PER_WORKER * TASKS_PER_CHUNK
+    for consumed, value in enumerate(_ordered_results(abs, tasks(), workers=2), 1):
+        assert value == consumed - 1
+        assert len(pulled) - consumed <= bound
+    assert consumed == 300

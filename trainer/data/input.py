@@ -6,6 +6,8 @@ batched by BATCH_SIZE with the remainder dropped. `examples` yields the decoded 
 themselves (original size) for detection-based evaluation.
 
 In 'square' and 'crop' resize modes every example has the same output size, as batching needs.
+`data_dir` is a local folder (the pipeline's dataset artifact); gs:// works only where
+TensorFlow's own GCS filesystem has credentials (it ignores STORAGE_EMULATOR_HOST).
 """
 
 from __future__ import annotations
