@@ -281,3 +281,20 @@ def test_tasks_are_pulled_lazily_into_a_bounded_pool() -> None:
         assert value == consumed - 1
         assert len(pulled) - consumed <= bound
     assert consumed == 300
+
+
+def test_shapes_category_subset_renumbers_classes(tmp_path: Path) -> None:
+    summary = prepare_dataset("shapes", tmp_path / "ds", count=8, image_size=64,
+                              categories=["circle"], val_fraction=0.0, **QUIET)
+    assert summary["class_names"] == ["BG", "circle"]
+    files = [str(tmp_path / "ds" / name) for name in summary["splits"]["train"]["shards"]]
+    circles = 0
+    for example in tfrecord.read_examples(files):
+        sample = shapes.generate_sample(int(example["source_id"].numpy()), 64, 64)
+        is_circle = sample.class_ids == 2  # "circle" in shapes.CLASS_NAMES
+        assert example["class_ids"].numpy().tolist() == [1] * int(is_circle.sum())
+        np.testing.assert_array_equal(example["masks"].numpy(), sample.masks[:, :, is_circle])
+        circles += 1
+    without = [i for i in range(8) if 2 not in shapes.generate_sample(i, 64, 64).class_ids]
+    assert circles == 8 - len(without) > 0
+    assert summary["skipped_counts"] == ({coco.NO_OBJECTS: len(without)} if without else {})

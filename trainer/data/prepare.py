@@ -198,6 +198,12 @@ def _ordered_results(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
+    except concurrent.futures.process.BrokenProcessPool as err:
+        raise UserError(
+            "a worker process died (killed, out of memory, or unable to re-import the main "
+            "script, as with `python -`): use fewer --workers, or --workers 1 to encode in "
+            "this process"
+        ) from err
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -236,13 +242,13 @@ def _plan(source: str, options: dict) -> tuple[_Job, Iterator, int | None, dict,
         if unknown:
             raise UserError(f"unknown categories {unknown} in --categories: shapes has {names}")
         chosen = [i for i, n in enumerate(names, 1) if not wanted or n in wanted]
-        categories = [{"id": k, "name": names[i - 1], "source_id": i}
+        categories = [{"id": k, "name": names[i - 1], "source_category_id": i}
                       for k, i in enumerate(chosen, 1)]
         count = options["count"] if options["count"] is not None else 500
         size = options["image_size"] or 128
         if count < 1 or size < 16:
             raise UserError(f"--count must be >= 1 and --image-size >= 16, got {count}, {size}")
-        context = _ShapesContext(seed, size, {c["source_id"]: c["id"] for c in categories})
+        context = _ShapesContext(seed, size, {c["source_category_id"]: c["id"] for c in categories})
         description = {"name": "shapes", "seed": seed, "count": count, "image_size": size}
         tasks, total = iter(range(count)), count
     else:
@@ -250,7 +256,7 @@ def _plan(source: str, options: dict) -> tuple[_Job, Iterator, int | None, dict,
             raise UserError("--source coco needs --annotations (instances JSON) and --images "
                             "(the images folder), local paths or gs:// URIs")
         reader = coco.CocoSource(options["annotations"], options["images"], wanted)
-        categories = [{"id": c["id"], "name": c["name"], "source_id": c["coco_id"]}
+        categories = [{"id": c["id"], "name": c["name"], "source_category_id": c["coco_id"]}
                       for c in reader.categories]
         context = reader.context
         description = {"name": "coco", "annotations": options["annotations"],
