@@ -46,6 +46,9 @@ SOURCES = ("shapes", "coco")
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
 TASKS_PER_CHUNK = 8  # images per round trip to a worker
+# zlib level for the PNGs we encode (generated images, masks): measured on 384 px shapes,
+# level 3 encodes 40% faster than PIL's default 6 for files still a few KB. Lossless either way.
+PNG_COMPRESS_LEVEL = 3
 IN_FLIGHT_PER_WORKER = 3  # chunks queued per worker: hides latency, bounds memory
 
 
@@ -102,7 +105,7 @@ def _read_shapes(context: _ShapesContext, index: int):
     if not keep:
         return None, [coco.Issue(name, coco.NO_OBJECTS, "no object in the selected categories")]
     buffer = io.BytesIO()
-    Image.fromarray(sample.image).save(buffer, format="PNG")
+    Image.fromarray(sample.image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     data = buffer.getvalue()
     return coco.AnnotatedImage(
         image_encoded=data,
@@ -123,7 +126,8 @@ def _read_shapes(context: _ShapesContext, index: int):
 def encode_mask_png(mask: np.ndarray) -> bytes:
     """bool [H, W] -> a 1-bit PNG (TensorFlow's decode_png expands it to 0/255)."""
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buffer, format="PNG")
+    mask_image = Image.fromarray(np.ascontiguousarray(mask, dtype=bool))
+    mask_image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 
