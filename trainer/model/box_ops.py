@@ -6,6 +6,8 @@ as y2 - y1 (no +1), so pixel and normalised boxes share one formula.
 
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -37,14 +39,22 @@ def box_deltas(boxes: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
     )
 
 
+# Largest log-scale change a delta may apply (as torchvision and Detectron): an untrained or
+# diverging head can predict exp() overflows, and inf - inf boxes poison everything after.
+MAX_LOG_SCALE = math.log(1000.0 / 16.0)
+
+
 def apply_box_deltas(boxes: tf.Tensor, deltas: tf.Tensor) -> tf.Tensor:
-    """Decodes: applies deltas [..., (dy, dx, log(dh), log(dw))] to boxes [..., (y1, x1, y2, x2)]."""
+    """Decodes: applies deltas [..., (dy, dx, log(dh), log(dw))] to boxes [..., (y1, x1, y2, x2)].
+
+    log(dh) and log(dw) are capped at MAX_LOG_SCALE so the result stays finite.
+    """
     height = boxes[..., 2] - boxes[..., 0]
     width = boxes[..., 3] - boxes[..., 1]
     center_y = boxes[..., 0] + 0.5 * height + deltas[..., 0] * height
     center_x = boxes[..., 1] + 0.5 * width + deltas[..., 1] * width
-    height = height * tf.exp(deltas[..., 2])
-    width = width * tf.exp(deltas[..., 3])
+    height = height * tf.exp(tf.minimum(deltas[..., 2], MAX_LOG_SCALE))
+    width = width * tf.exp(tf.minimum(deltas[..., 3], MAX_LOG_SCALE))
     y1 = center_y - 0.5 * height
     x1 = center_x - 0.5 * width
     return tf.stack([y1, x1, y1 + height, x1 + width], axis=-1)

@@ -1,0 +1,75 @@
+"""From images to matterport-style detections: mold inputs, run the model, unmold outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.config import Config
+from trainer.data.transforms import inference_inputs
+
+
+def mold_inputs(images: Sequence[np.ndarray], config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [H, W, C] (any sizes) -> (molded images [N, h, w, C], metas [N, META]).
+
+    Every image is resized and padded per IMAGE_RESIZE_MODE; in 'square' mode they share one
+    shape, in 'pad64'/'none' mode only images of equal size can be batched together.
+    """
+    molded, metas = [], []
+    for image in images:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != config.IMAGE_CHANNEL_COUNT:
+            raise ValueError(
+                f"expected images of shape [H, W, {config.IMAGE_CHANNEL_COUNT}], got {image.shape}"
+            )
+        inputs = inference_inputs(tf.constant(image, tf.uint8), config)
+        molded.append(inputs["input_image"].numpy())
+        metas.append(inputs["input_image_meta"].numpy())
+    return np.stack(molded), np.stack(metas)
+
+
+def unmold_mask(mask: np.ndarray, box: np.ndarray, image_shape: tuple[int, int],
+                threshold: float = 0.5) -> np.ndarray:
+    """A [h, w] mask probability map of `box` (y1, x1, y2, x2 pixels, exclusive ends) -> bool
+    full-image mask [H, W]."""
+    y1, x1, y2, x2 = (int(v) for v in box)
+    full = np.zeros(image_shape[:2], dtype=bool)
+    if y2 <= y1 or x2 <= x1:
+        return full
+    resized = tf.image.resize(mask[..., None], (y2 - y1, x2 - x1), method="bilinear")
+    full[y1:y2, x1:x2] = resized.numpy()[..., 0] >= threshold
+    return full
+
+
+def unmold_detections(detections: np.ndarray, mrcnn_mask: np.ndarray, original_shape,
+                      image_shape, window) -> dict[str, np.ndarray]:
+    """One image's model outputs -> matterport's result dict in original image coordinates.
+
+    detections [N, (y1, x1, y2, x2, class_id, score)] normalised to the molded image (zero rows
+    are padding); mrcnn_mask [N, h, w, num_classes] probabilities; window (y1, x1, y2, x2): the
+    real image inside the molded one, pixels. Returns rois int32 [n, 4] (exclusive ends),
+    class_ids int32 [n], scores float32 [n], masks bool [H, W, n].
+    """
+    count = int(np.sum(detections[:, 4] > 0))
+    boxes = detections[:count, :4]
+    class_ids = detections[:count, 4].astype(np.int32)
+    scores = detections[:count, 5].astype(np.float32)
+    masks = mrcnn_mask[np.arange(count), :, :, class_ids]
+
+    # Normalised to the molded image -> normalised to the window -> original pixels
+    # (the inverse of matterport's norm_boxes: y2/x2 come back exclusive).
+    h, w = float(image_shape[0]), float(image_shape[1])
+    wy1, wx1, wy2, wx2 = np.asarray(window, np.float64) / np.array([h - 1, w - 1, h - 1, w - 1])
+    wy2, wx2 = wy2 - 1.0 / (h - 1), wx2 - 1.0 / (w - 1)
+    boxes = (boxes - [wy1, wx1, wy1, wx1]) / [wy2 - wy1, wx2 - wx1, wy2 - wy1, wx2 - wx1]
+    oh, ow = int(original_shape[0]), int(original_shape[1])
+    boxes = np.round(boxes * [oh - 1, ow - 1, oh - 1, ow - 1] + [0, 0, 1, 1]).astype(np.int32)
+    boxes = np.clip(boxes, 0, [oh, ow, oh, ow])
+
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, class_ids, scores, masks = boxes[keep], class_ids[keep], scores[keep], masks[keep]
+    full = [unmold_mask(m, b, (oh, ow)) for m, b in zip(masks, boxes, strict=True)]
+    full_masks = np.stack(full, axis=-1) if full else np.zeros((oh, ow, 0), dtype=bool)
+    return {"rois": boxes, "class_ids": class_ids, "scores": scores, "masks": full_masks}

@@ -1,0 +1,94 @@
+"""`MaskRCNN`: matterport's Python surface over our Keras 3 graphs.
+
+    model = MaskRCNN(mode="training", config=cfg, model_dir="runs/")
+    model.load_weights("mask_rcnn_coco.h5", by_name=True, exclude=[...])
+    model.keras_model                      # the keras.Model (layers, weights)
+    MaskRCNN(mode="inference", ...).detect(images)  # [{rois, class_ids, scores, masks}]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from trainer.config import Config
+from trainer.errors import UserError
+from trainer.inference import mold_inputs, unmold_detections
+from trainer.model.image_meta import parse_image_meta
+from trainer.model.mask_rcnn import build_inference_model, build_training_model
+
+MODES = ("training", "inference")
+
+
+class MaskRCNN:
+    """A Mask R-CNN in `mode` "training" or "inference", built from `config`.
+
+    Both modes hold the same layers under the same names: weights trained in one load into
+    the other by name (`load_weights`, `copy_weights_from`).
+    """
+
+    def __init__(self, mode: str, config: Config, model_dir: str | Path = "runs"):
+        if mode not in MODES:
+            raise UserError(f"mode must be 'training' or 'inference', got {mode!r}")
+        self.mode = mode
+        self.config = config
+        self.model_dir = Path(model_dir)
+        self.epoch = 0
+        builder = build_training_model if mode == "training" else build_inference_model
+        self.keras_model: keras.Model = builder(config)
+
+    # === Weights ===
+
+    def load_weights(self, filepath: str | Path, by_name: bool = True,
+                     exclude: Iterable[str] | None = None):
+        """Loads a Keras-2 layout h5 (matterport's released weights, our checkpoints) by layer
+        name, skipping `exclude`. Returns the weights report; raises on a shape mismatch."""
+        from trainer.weights import load_weights
+
+        return load_weights(self.keras_model, filepath, by_name=by_name,
+                            exclude=tuple(exclude or ()))
+
+    def copy_weights_from(self, other: MaskRCNN) -> int:
+        """Copies every weight of `other` whose layer exists here by name; returns the count."""
+        copied = 0
+        for layer in other.keras_model.layers:
+            if not layer.weights:
+                continue
+            try:
+                target = self.keras_model.get_layer(layer.name)
+            except ValueError:
+                continue
+            for src, dst in zip(layer.weights, target.weights, strict=True):
+                dst.assign(src)
+                copied += 1
+        return copied
+
+    # === Inference ===
+
+    def detect(self, images: Sequence[np.ndarray], verbose: int = 0) -> list[dict]:
+        """Detects instances in uint8 images [H, W, C] of any size and count.
+
+        Returns, per image, matterport's dict in the image's own coordinates: rois int32
+        [N, (y1, x1, y2, x2)], class_ids int32 [N], scores float32 [N], masks bool [H, W, N].
+        """
+        if self.mode != "inference":
+            raise UserError("detect() needs a model built with mode='inference'")
+        results: list[dict] = []
+        batch = self.config.BATCH_SIZE
+        for start in range(0, len(images), batch):
+            chunk = list(images[start:start + batch])
+            molded, metas = mold_inputs(chunk, self.config)
+            detections, _, _, masks, *_ = self.keras_model.predict_on_batch(
+                {"input_image": molded, "input_image_meta": metas})
+            fields = parse_image_meta(metas)
+            for i in range(len(chunk)):
+                results.append(unmold_detections(
+                    np.asarray(detections[i]), np.asarray(masks[i]),
+                    np.asarray(fields["original_image_shape"][i]),
+                    np.asarray(fields["image_shape"][i]), np.asarray(fields["window"][i])))
+                if verbose:
+                    print(f"image {start + i}: {len(results[-1]['class_ids'])} detections")
+        return results
