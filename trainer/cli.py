@@ -85,6 +85,60 @@ def _data_prepare(args: argparse.Namespace) -> int:
 _COMMANDS.append(_add_data)
 
 
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="COCO bbox/segm AP and VOC mAP@0.5 of weights on the val split",
+        description="Runs the inference model on the val shards of --data; writes "
+        "metrics.json, report.md and pictures/*.png into --out. Exits 0 when the gate fails "
+        "(the result says so) unless --fail-on-gate.",
+    )
+    evaluate.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[],
+                          metavar="KEY=VALUE", help="override a config key (repeatable)")
+    evaluate.add_argument("--weights", required=True,
+                          help="a .h5 file, or 'last': the newest checkpoint in --model-dir")
+    evaluate.add_argument("--model-dir", default="runs", help="where 'last' looks (runs)")
+    evaluate.add_argument("--data", required=True, help="prepared dataset folder (local)")
+    evaluate.add_argument("--out", required=True, help="output folder")
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N val images")
+    evaluate.add_argument("--min-map", type=float, help="quality gate: pass when the gate "
+                          "metric is at least this")
+    evaluate.add_argument("--gate-key", default="segm_mAP", help="gate metric (segm_mAP)")
+    evaluate.add_argument("--pictures", type=int, default=4, help="pictures to draw (4)")
+    evaluate.add_argument("--fail-on-gate", action="store_true",
+                          help="exit 1 when the gate fails")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from trainer.config import Config
+    from trainer.evaluate_run import evaluate
+
+    config = Config.from_yaml(args.config, args.overrides)
+    result = evaluate(config, args.weights, args.data, args.out, limit=args.limit,
+                      min_map=args.min_map, gate_key=args.gate_key,
+                      num_pictures=args.pictures, model_dir=args.model_dir)
+    verdict = result["gate"]
+    if args.json:
+        _print_json(result)
+    else:
+        shown = ", ".join(
+            f"{key} {'n/a' if result[key] is None else format(result[key], '.4f')}"
+            for key in ("bbox_mAP", "bbox_mAP50", "segm_mAP", "segm_mAP50", "voc_mAP50"))
+        threshold = verdict["threshold"]
+        outcome = ("passed" if verdict["passed"] else "FAILED") + (
+            "" if threshold is None else f" ({verdict['key']} >= {threshold})")
+        print(f"evaluated {result['num_images']} images, {result['num_detections']} "
+              f"detections ({result['images_per_second']} images/s): {shown}; gate {outcome}; "
+              f"report in {args.out}")
+    return 1 if args.fail_on_gate and not verdict["passed"] else 0
+
+
+_COMMANDS.append(_add_evaluate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
