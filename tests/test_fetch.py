@@ -440,10 +440,11 @@ def test_cli_fetch_prints_progress_and_json(http: HttpServer, demo_h5: bytes, ou
     assert code == 0 and "random initialisation" in stdout and not out.exists()
 
 
-@pytest.mark.parametrize("case", ["unreachable", "http_error", "checksum", "not_hdf5",
-                                  "mismatch", "imagenet", "bad_set"])
+@pytest.mark.parametrize("case", ["unreachable", "http_error", "cut_short", "checksum",
+                                  "not_hdf5", "truncated", "no_layout", "mismatch",
+                                  "architecture", "imagenet", "bad_set"])
 def test_cli_fetch_failures(case: str, http: HttpServer, demo_h5: bytes, out: Path,
-                            capsys: pytest.CaptureFixture,
+                            tmp_path: Path, capsys: pytest.CaptureFixture,
                             monkeypatch: pytest.MonkeyPatch) -> None:
     from trainer import storage
 
@@ -452,12 +453,24 @@ def test_cli_fetch_failures(case: str, http: HttpServer, demo_h5: bytes, out: Pa
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(demo_h5[: len(demo_h5) // 3])
+    foreign = write_matterport_h5(tmp_path / "foreign.h5", {"dense": [("dense/kernel:0", (4, 2))]},
+                                  allocate=False)
+    no_layout = tmp_path / "plain.h5"
+    with h5py.File(no_layout, "w") as f:
+        f["x"] = np.zeros(3)
     source, extra, reason = {
         "unreachable": (f"http://127.0.0.1:{closed_port}/w.h5", [], "cannot reach"),
         "http_error": (http.url("/gone.h5"), [], "HTTP 404"),
+        "cut_short": (http.add("/cut.h5", demo_h5[:100], content_length=len(demo_h5)), [],
+                      "truncated body"),
         "checksum": (good, ["--sha256", "1" * 64], "checksum mismatch"),
         "not_hdf5": (http.add("/page", b"<html></html>"), [], "is not an HDF5 file"),
+        "truncated": (str(truncated), [], "truncated or corrupt HDF5 file"),
+        "no_layout": (str(no_layout), [], "without the Keras weights layout"),
         "mismatch": (good, ["--set", "NUM_CLASSES=3"], "exclude=['mrcnn_bbox'"),
+        "architecture": (str(foreign), [], "is not weights for this model"),
         "imagenet": ("imagenet", [], "not supported"),
         "bad_set": (good, ["--set", "NUM_CLASES=3"], "NUM_CLASES"),
     }[case]
