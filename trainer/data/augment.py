@@ -1,18 +1,15 @@
 """Declarative data augmentation: a YAML/JSON-serialisable spec run with TensorFlow ops.
 
-`Augmentation.from_spec(spec)(image, masks)` augments one resized pair inside tf.data: image
-uint8 [H, W, C], masks bool [H, W, N] (N may be 0) -> the same dtypes and shapes. Geometric
-augmenters move the masks with the image (nearest: masks stay binary); photometric ones touch
-the image only. Grammar (imgaug's names; a list anywhere means `sequential`; a range [lo, hi]
-may be one number x, meaning [x, x]):
+`Augmentation.from_spec(spec)` is fn(image, masks) -> (image, masks) for tf.data. Geometric
+augmenters move the masks with the image (nearest: they stay binary); photometric ones touch
+the image only. Grammar (imgaug's names; a list means `sequential`; a range may be x = [x, x]):
 
     sequential: [A, ...]                    every child, in order
     sometimes: p, then: [...], else: [...]  `then` with probability p, otherwise `else`
     one_of: [A, ...]                        one child, chosen uniformly
     some_of: {n: [lo, hi], of: [A, ...]}    n ~ U{lo..hi} distinct children, in list order
-    fliplr: p  |  flipud: p                 mirror left-right | up-down with probability p
-    rot90: p                                turn by 90, 180 or 270 degrees with probability p;
-                                            square images only, others pass unchanged
+    fliplr | flipud | rot90: p              with probability p: mirror left-right | up-down,
+                                            turn by 90/180/270 degrees (square images only)
     crop_and_pad: {percent: [lo, hi]}       each side padded (> 0) or cropped (< 0) by its
                                             own fraction of the size, then resized back
     affine: {scale: [lo, hi], translate_percent: [lo, hi], rotate: [lo, hi]}
@@ -22,7 +19,6 @@ may be one number x, meaning [x, x]):
     multiply | add | contrast: [lo, hi]     x * f | x + f | 128 + f * (x - 128), pixel values
     gaussian_noise: [lo, hi]                per-pixel noise, std in pixel values
     grayscale: [alpha_lo, alpha_hi]         blend towards luminance (RGB images)
-
 Random draws use tf.random (stateful): `tf.random.set_seed` makes a run reproducible.
 """
 
@@ -53,17 +49,16 @@ def _suggest(name: str, valid) -> str:
     return f"did you mean {close[0]!r}?" if close else f"valid names: {', '.join(valid)}"
 
 
-def _number(value: Any, where: str) -> float:
+def _number(value: Any, where: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _error(where, f"expected a number, got {value!r} ({type(value).__name__})")
+    if not low <= value <= high:
+        raise _error(where, f"{value:g} is outside the allowed [{low:g}, {high:g}]")
     return float(value)
 
 
 def _probability(value: Any, where: str) -> float:
-    p = _number(value, where)
-    if not 0.0 <= p <= 1.0:
-        raise _error(where, f"probability {p:g} is outside [0, 1]")
-    return p
+    return _number(value, f"{where} probability", 0.0, 1.0)
 
 
 def _range(value: Any, where: str, low: float, high: float) -> list[float]:
@@ -71,13 +66,11 @@ def _range(value: Any, where: str, low: float, high: float) -> list[float]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise _error(where, f"expected [lo, hi], got {len(value)} values {list(value)}")
-        lo, hi = (_number(v, where) for v in value)
+        lo, hi = (_number(v, where, low, high) for v in value)
     else:
-        lo = hi = _number(value, where)
+        lo = hi = _number(value, where, low, high)
     if lo > hi:
         raise _error(where, f"lo {lo:g} > hi {hi:g}: write the range as [lo, hi]")
-    if lo < low or hi > high:
-        raise _error(where, f"[{lo:g}, {hi:g}] is outside the allowed [{low:g}, {high:g}]")
     return [lo, hi]
 
 
@@ -96,31 +89,22 @@ def _draw(bounds: list[float], shape=()) -> tf.Tensor:
     return tf.random.uniform(shape, *bounds)
 
 
-def _chance(p: float) -> Callable[[], tf.Tensor]:
-    return lambda: tf.random.uniform([]) < p
-
-
-def _when(condition: Callable[[], tf.Tensor], augment: Augmenter,
+def _when(condition: float | Callable[[], tf.Tensor], augment: Augmenter,
           otherwise: Augmenter = lambda image, masks: (image, masks)) -> Augmenter:
-    return lambda image, masks: tf.cond(condition(), lambda: augment(image, masks),
+    """`augment` where condition() holds (a number p: with probability p), else `otherwise`."""
+    test = condition if callable(condition) else lambda: tf.random.uniform([]) < condition
+    return lambda image, masks: tf.cond(test(), lambda: augment(image, masks),
                                         lambda: otherwise(image, masks))
 
 
-def _to_uint8(image: tf.Tensor) -> tf.Tensor:
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
-def _quarter_turns(x: tf.Tensor, turns: tf.Tensor) -> tf.Tensor:
-    """x [S, S, C] rotated counter-clockwise by (turns + 1) * 90 degrees."""
-    return tf.switch_case(turns, [lambda: tf.reverse(tf.transpose(x, [1, 0, 2]), [0]),
-                                  lambda: tf.reverse(x, [0, 1]),
-                                  lambda: tf.reverse(tf.transpose(x, [1, 0, 2]), [1])])
-
-
 def _rot90(image: tf.Tensor, masks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    turns = tf.random.uniform([], 0, 3, tf.int32)
-    return _when(lambda: tf.equal(tf.shape(image)[0], tf.shape(image)[1]),
-                 lambda i, m: (_quarter_turns(i, turns), _quarter_turns(m, turns)))(image, masks)
+    """Square pairs turned counter-clockwise by 90, 180 or 270 degrees; others unchanged."""
+    square = tf.equal(tf.shape(image)[0], tf.shape(image)[1])
+    turns = tf.where(square, tf.random.uniform([], 1, 4, tf.int32), 0)
+    # One rotation for both: masks ride along as extra channels (rot90 needs channels > 0).
+    both = tf.image.rot90(tf.concat([image, tf.cast(masks, image.dtype)], axis=-1), turns)
+    turned_image, turned_masks = tf.split(both, [tf.shape(image)[-1], -1], axis=-1)
+    return turned_image, turned_masks > 0
 
 
 def _crop_and_pad(params: dict, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
@@ -149,7 +133,7 @@ def _warp(image: tf.Tensor, masks: tf.Tensor, transform: tf.Tensor) -> tuple[tf.
         return tf.raw_ops.ImageProjectiveTransformV3(
             images=x[None], transforms=transform[None], output_shape=tf.shape(x)[:2],
             fill_value=0.0, interpolation=interpolation, fill_mode="CONSTANT")[0]
-    return (_to_uint8(run(tf.cast(image, tf.float32), "BILINEAR")),
+    return (tf.saturate_cast(tf.round(run(tf.cast(image, tf.float32), "BILINEAR")), tf.uint8),
             run(tf.cast(masks, tf.uint8), "NEAREST") > 0)
 
 
@@ -196,6 +180,17 @@ def _sequence(augmenters: list[Augmenter]) -> Augmenter:
                                        (image, masks))
 
 
+def _some_of(options: list[Augmenter], lo: int, hi: int) -> Augmenter:
+    """n ~ U{lo..hi} distinct options, applied in list order."""
+    def apply(image: tf.Tensor, masks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        count = tf.random.uniform([], lo, hi + 1, tf.int32)
+        rank = tf.random.shuffle(tf.range(len(options)))  # option i is picked if rank < n
+        for i, augment in enumerate(options):
+            image, masks = _when(lambda i=i: rank[i] < count, augment)(image, masks)
+        return image, masks
+    return apply
+
+
 def _children(value: Any, where: str) -> tuple[list[dict], list[Augmenter]]:
     items = value if isinstance(value, (list, tuple)) else [value]
     parsed = [_parse(item, f"{where}[{i}]") for i, item in enumerate(items)]
@@ -217,7 +212,7 @@ def _parse(spec: Any, where: str) -> tuple[dict, Augmenter]:
         then_nodes, then = _children(spec["then"], f"{where}.then")
         else_nodes, otherwise = _children(spec.get("else") or [], f"{where}.else")
         node = {"sometimes": p, "then": then_nodes, **({"else": else_nodes} if else_nodes else {})}
-        return node, _when(_chance(p), _sequence(then), _sequence(otherwise))
+        return node, _when(p, _sequence(then), _sequence(otherwise))
     if len(spec) != 1:
         raise _error(where, f"one augmenter per mapping, got {sorted(map(str, spec))}: put "
                             "several in a list")
@@ -230,9 +225,7 @@ def _parse(spec: Any, where: str) -> tuple[dict, Augmenter]:
         nodes, options = _children(value, inner)
         if not nodes:
             raise _error(inner, "one_of needs at least one augmenter")
-        return {name: nodes}, lambda image, masks: tf.switch_case(
-            tf.random.uniform([], 0, len(options), tf.int32),
-            [lambda a=a: a(image, masks) for a in options])
+        return {name: nodes}, _some_of(options, 1, 1)
     if name == "some_of":
         if not isinstance(value, dict) or set(value) != {"n", "of"}:
             raise _error(inner, f"expected {{n: [lo, hi], of: [...]}}, got {value!r}")
@@ -240,17 +233,10 @@ def _parse(spec: Any, where: str) -> tuple[dict, Augmenter]:
         lo, hi = _range(value["n"], f"{inner}.n", 0, len(nodes))
         if lo != int(lo) or hi != int(hi):
             raise _error(f"{inner}.n", f"expected whole numbers, got [{lo:g}, {hi:g}]")
-
-        def some_of(image: tf.Tensor, masks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            count = tf.random.uniform([], int(lo), int(hi) + 1, tf.int32)
-            rank = tf.random.shuffle(tf.range(len(options)))  # child i is picked if rank < n
-            for i, augment in enumerate(options):
-                image, masks = _when(lambda i=i: rank[i] < count, augment)(image, masks)
-            return image, masks
-        return {name: {"n": [int(lo), int(hi)], "of": nodes}}, some_of
+        return {name: {"n": [int(lo), int(hi)], "of": nodes}}, _some_of(options, int(lo), int(hi))
     if name in FLIPS:
         p = _probability(value, inner)
-        return {name: p}, _when(_chance(p), FLIPS[name])
+        return {name: p}, _when(p, FLIPS[name])
     if name in WARPS:
         allowed, transform = WARPS[name]
         params = _ranges(value, inner, allowed)
@@ -260,7 +246,7 @@ def _parse(spec: Any, where: str) -> tuple[dict, Augmenter]:
         low, high, change = PHOTOMETRIC[name]
         bounds = _range(value, inner, low, high)
         return {name: bounds}, lambda image, masks: (
-            _to_uint8(change(tf.cast(image, tf.float32), bounds)), masks)
+            tf.saturate_cast(tf.round(change(tf.cast(image, tf.float32), bounds)), tf.uint8), masks)
     raise _error(where, f"unknown augmenter {name!r}, {_suggest(str(name), NAMES)}")
 
 
@@ -280,14 +266,13 @@ def _load(spec: str | Path) -> Any:
 
 
 class Augmentation:
-    """A validated augmentation spec, callable as fn(image, masks) -> (image, masks).
-
-    image uint8 [H, W, C]; masks bool [H, W, N]. Shapes and dtypes come back unchanged.
+    """A validated augmentation spec (a dict or list; None: no augmentation; else UserError),
+    callable as fn(image uint8 [H, W, C], masks bool [H, W, N]) -> the same shapes and dtypes.
     """
 
     def __init__(self, spec: Any = None) -> None:
-        """Validates `spec` (a dict or list; None: no augmentation). Raises UserError."""
-        self._node, self._augment = _parse(spec, "") if spec is not None else (None, None)
+        self._node, self._augment = (_parse(spec, "") if spec is not None
+                                     else (None, lambda image, masks: (image, masks)))
 
     @classmethod
     def from_spec(cls, spec: Any) -> Augmentation:
@@ -303,15 +288,11 @@ class Augmentation:
 
     def describe(self) -> str:
         """One line for logs: the normalised spec in YAML flow style."""
-        if self._node is None:
-            return "no augmentation"
-        return yaml.safe_dump(self._node, default_flow_style=True, sort_keys=False,
-                              width=math.inf).strip()
+        return "no augmentation" if self._node is None else yaml.safe_dump(
+            self._node, default_flow_style=True, sort_keys=False, width=math.inf).strip()
 
     def __call__(self, image: tf.Tensor, masks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         image, masks = tf.convert_to_tensor(image), tf.convert_to_tensor(masks)
-        if self._augment is None:
-            return image, masks
         augmented, moved = self._augment(image, masks)
         # tf.cond branches may loosen static shapes; the contract is "shapes unchanged".
         return tf.ensure_shape(augmented, image.shape), tf.ensure_shape(moved, masks.shape)
