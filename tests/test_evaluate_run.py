@@ -227,6 +227,35 @@ def test_evaluate_writes_metrics_report_and_pictures(prepared, capsys):
         assert (picture[:, :plain.shape[1]] != plain).any()  # predictions drawn
 
 
+def test_evaluate_with_ground_truth_as_detections_scores_1(prepared, monkeypatch):
+    """A model that "detects" each image's own ground truth: every metric is 1.0 only if each
+    image's detections reach the COCO image id of that image (source_id mapping, grouping
+    into batches, dropping the padding of a short last batch)."""
+    from trainer.data.input import examples
+    from trainer.maskrcnn import MaskRCNN
+
+    truth_by_pixels = {}
+    for e in examples(str(prepared["data"]), "val").as_numpy_iterator():
+        truth_by_pixels[e["image"].tobytes()] = {
+            "rois": boxes_from_masks(e["masks"]), "class_ids": e["class_ids"],
+            "scores": np.ones(len(e["class_ids"]), np.float32), "masks": e["masks"]}
+    calls = []
+
+    def oracle_detect(self, images, verbose=0):
+        calls.append(len(images))
+        return [truth_by_pixels[np.asarray(image).tobytes()] for image in images]
+
+    monkeypatch.setattr(MaskRCNN, "detect", oracle_detect)
+    limit = 5  # odd: the last batch holds one image, padded to BATCH_SIZE 2
+    result = evaluate_run.evaluate(demo_config(), prepared["weights"], prepared["data"],
+                                   prepared["root"] / "oracle", limit=limit, num_pictures=0,
+                                   progress=False)
+    assert calls == [2, 2, 2]
+    assert result["num_images"] == limit and result["pictures"] == []
+    for key in REQUIRED_KEYS + ("bbox_mAP75", "segm_mAP75"):
+        assert result[key] == pytest.approx(1.0), key
+
+
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     code = main(["evaluate", "--config", DEMO, *(f"--set={o}" for o in OVERRIDES), *args])
     captured = capsys.readouterr()
