@@ -75,12 +75,14 @@ def identity_outputs(masks: np.ndarray, class_ids: np.ndarray, config: Config):
 
 # Non-square images, each landing in the molded image differently: scaled down to 77x128 and
 # padded to a square; scaled up to 128x213 and padded to 128x256 (pad64); not scaled, only
-# padded to 128x192 (pad64); tall instead of wide.
+# padded to 128x192 (pad64); tall instead of wide; scaled down 6x to 102x128, where
+# matterport's corner-aligned inverse, (oh - 1) / (h - 1) for oh / h, put boxes 5 px off.
 GEOMETRIES = [
     ((96, 160), ()),
     ((96, 160), ("IMAGE_RESIZE_MODE=pad64", "IMAGE_MIN_DIM=128")),
     ((96, 160), ("IMAGE_RESIZE_MODE=pad64", "IMAGE_MIN_DIM=64")),
     ((160, 96), ()),
+    ((640, 800), ()),
 ]
 
 

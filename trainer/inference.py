@@ -58,15 +58,17 @@ def unmold_detections(detections: np.ndarray, mrcnn_mask: np.ndarray, original_s
     scores = detections[:count, 5].astype(np.float32)
     masks = mrcnn_mask[np.arange(count), :, :, class_ids]
 
-    # Normalised to the molded image -> normalised to the window -> original pixels
-    # (the inverse of matterport's norm_boxes: y2/x2 come back exclusive).
+    # Normalised -> molded pixels (the inverse of norm_boxes: y2/x2 come back exclusive) ->
+    # minus the padding, over the resize ratio -> original pixels. Box edges scale by
+    # resized/original size, as the resized gt masks that the model learned from; matterport's
+    # corner-aligned (oh - 1) / (h - 1) instead stretches boxes, 5 px at 640 px scaled 6x down.
     h, w = float(image_shape[0]), float(image_shape[1])
-    wy1, wx1, wy2, wx2 = np.asarray(window, np.float64) / np.array([h - 1, w - 1, h - 1, w - 1])
-    wy2, wx2 = wy2 - 1.0 / (h - 1), wx2 - 1.0 / (w - 1)
-    boxes = (boxes - [wy1, wx1, wy1, wx1]) / [wy2 - wy1, wx2 - wx1, wy2 - wy1, wx2 - wx1]
+    boxes = boxes.astype(np.float64) * [h - 1, w - 1, h - 1, w - 1] + [0, 0, 1, 1]
+    wy1, wx1, wy2, wx2 = np.asarray(window, np.float64)
     oh, ow = int(original_shape[0]), int(original_shape[1])
-    boxes = np.round(boxes * [oh - 1, ow - 1, oh - 1, ow - 1] + [0, 0, 1, 1]).astype(np.int32)
-    boxes = np.clip(boxes, 0, [oh, ow, oh, ow])
+    ratio_y, ratio_x = (wy2 - wy1) / oh, (wx2 - wx1) / ow
+    boxes = (boxes - [wy1, wx1, wy1, wx1]) / [ratio_y, ratio_x, ratio_y, ratio_x]
+    boxes = np.clip(np.round(boxes).astype(np.int32), 0, [oh, ow, oh, ow])
 
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     boxes, class_ids, scores, masks = boxes[keep], class_ids[keep], scores[keep], masks[keep]
