@@ -294,6 +294,7 @@ def test_cli_fail_on_gate_with_last_checkpoint(prepared, capsys):
     ({"--weights": "last"}, "--model-dir runs is not a folder"),  # the default
     ({"--gate-key": "accuracy"}, "--gate-key 'accuracy' is not a metric"),
     ({"--limit": "0"}, "--limit must be >= 1"),
+    ({"--set": "IMAGE_RESIZE_MODE=crop"}, "IMAGE_RESIZE_MODE=crop takes random crops"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(prepared, capsys, tmp_path, monkeypatch, change,
                                              message):
