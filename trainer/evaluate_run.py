@@ -119,7 +119,7 @@ def _batches(items: Iterable[tuple[int, np.ndarray]], config: Config
 
     pending: dict[tuple, list] = {}
     for image_id, image in items:
-        if config.IMAGE_RESIZE_MODE in ("square", "crop"):
+        if config.IMAGE_RESIZE_MODE == "square":
             key: tuple = ()
         else:
             key = tuple(int(v) for v in resize_geometry(image.shape[0], image.shape[1],
@@ -179,6 +179,9 @@ def evaluate(config: Config, weights: str | Path, data_dir: str | Path, out_dir:
         raise UserError(f"--gate-key {gate_key!r} is not a metric; use one of {list(GATE_KEYS)}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
+    if config.IMAGE_RESIZE_MODE == "crop":
+        raise UserError("IMAGE_RESIZE_MODE=crop takes random crops (a training mode): evaluate "
+                        "with --set IMAGE_RESIZE_MODE=square (or pad64)")
     if num_pictures < 0:
         raise UserError(f"the number of pictures must be >= 0, got {num_pictures}")
     data = Path(data_dir)
