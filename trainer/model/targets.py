@@ -24,9 +24,10 @@ def _random_subset(candidates: tf.Tensor, count: tf.Tensor, max_count: int,
                    seed: int | None = None) -> tf.Tensor:
     """A uniformly random subset of at most `count` of the True entries of `candidates` [N].
 
-    `max_count` is a static bound on `count` (and must not exceed N). Returns bool [N].
+    `max_count` is a bound on `count`. Returns bool [N].
     """
     scores = tf.where(candidates, tf.random.uniform(tf.shape(candidates), seed=seed), -1.0)
+    max_count = tf.minimum(max_count, tf.size(candidates))
     top = tf.math.top_k(scores, k=max_count, sorted=True).values
     count = tf.clip_by_value(count, 0, max_count)
     threshold = tf.gather(top, tf.maximum(count - 1, 0))
