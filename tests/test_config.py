@@ -59,7 +59,8 @@ def test_yaml_and_overrides(tmp_path):
                                      "TRAIN_BN=true"])
     assert config.IMAGES_PER_GPU == 1 and config.TRAIN_BN is True
     assert config.RPN_ANCHOR_SCALES == (8, 16, 32, 64, 128)
-    assert config.LOSS_WEIGHTS["mrcnn_mask_loss"] == 2.0 and config.LOSS_WEIGHTS["rpn_bbox_loss"] == 1
+    assert config.LOSS_WEIGHTS["mrcnn_mask_loss"] == 2.0
+    assert config.LOSS_WEIGHTS["rpn_bbox_loss"] == 1.0
     round_trip = tmp_path / "round.yaml"
     round_trip.write_text(config.to_yaml())
     assert Config.from_yaml(round_trip) == config
@@ -80,5 +81,5 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 
 def test_presets_load():
-    for name in ("demo",):
+    for name in ("demo", "shapes", "coco"):
         Config.from_yaml(f"configs/{name}.yaml")

@@ -291,7 +291,7 @@ def test_cli_fail_on_gate_with_last_checkpoint(prepared, capsys):
 @pytest.mark.parametrize("change,message", [
     ({"--data": "missing-dir"}, "not a local prepared dataset"),
     ({"--weights": "missing.h5"}, "weights file"),
-    ({"--weights": "last"}, "--model-dir runs is not a folder"),  # the default
+    ({"--weights": "last"}, "model dir runs is not a folder"),  # the default
     ({"--gate-key": "accuracy"}, "--gate-key 'accuracy' is not a metric"),
     ({"--limit": "0"}, "--limit must be >= 1"),
     ({"--set": "IMAGE_RESIZE_MODE=crop"}, "IMAGE_RESIZE_MODE=crop takes random crops"),

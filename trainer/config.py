@@ -225,7 +225,8 @@ class Config:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+            raise ConfigError(
+                f"{path}: expected a mapping of config keys, got {type(data).__name__}")
         try:
             return cls(**data).with_overrides(overrides)
         except ConfigError as err:

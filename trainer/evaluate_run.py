@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from trainer.checkpoints import find_last_checkpoint
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.evaluation import (
@@ -43,40 +44,10 @@ PICTURES_DIR = "pictures"
 PICTURE_NAME = re.compile(r"^image-\d+\.png$")
 # Every metric the gate can test: bbox_mAP ... segm_mAP_large, voc_mAP50.
 GATE_KEYS = tuple(f"{t}_m{n}" for t in IOU_TYPES for n in COCO_STAT_NAMES) + ("voc_mAP50",)
-# Matterport's run folder `{name}{%Y%m%dT%H%M}` and checkpoint `mask_rcnn_{name}_{epoch:04d}.h5`.
-RUN_FOLDER = re.compile(r"^(?P<name>.*?)(?P<stamp>\d{8}T\d{4})$")
-CHECKPOINT = re.compile(r"^mask_rcnn_(?P<name>.*)_(?P<epoch>\d{4,})\.h5$")
 PROGRESS_SECONDS = 10.0
 
 
 # === Weights ===
-
-
-def find_last_checkpoint(model_dir: str | Path, name: str | None = None) -> Path:
-    """The newest checkpoint under `model_dir` (matterport's `find_last`): the run folder
-    `{name}{YYYYmmddTHHMM}` with the latest stamp that holds a checkpoint, and in it the
-    `mask_rcnn_{name}_{epoch:04d}.h5` of the highest epoch. `name` (lower-case NAME) limits
-    the search to one config's runs. Raises UserError when there is none."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise UserError(f"--model-dir {model_dir} is not a folder: train first, or pass "
-                        "--weights PATH")
-    runs = []
-    for folder in model_dir.iterdir():
-        match = RUN_FOLDER.match(folder.name)
-        if folder.is_dir() and match and (name is None or match["name"] == name):
-            runs.append((match["stamp"], folder.name, folder))
-    for _, _, folder in sorted(runs, reverse=True):
-        checkpoints = []
-        for path in folder.iterdir():
-            match = CHECKPOINT.match(path.name)
-            if path.is_file() and match and (name is None or match["name"] == name):
-                checkpoints.append((int(match["epoch"]), path))
-        if checkpoints:
-            return max(checkpoints)[1]
-    which = f"'{name}' " if name else ""
-    raise UserError(f"no {which}checkpoint (<run folder>/mask_rcnn_<name>_<epoch>.h5) under "
-                    f"{model_dir}: train first, or pass --weights PATH")
 
 
 def resolve_weights(weights: str | Path, model_dir: str | Path | None, config: Config) -> Path:

@@ -15,7 +15,8 @@ from trainer.model.proposals import nms_padded
 
 def test_box_deltas_literal():
     # box: centre (5, 5), size 10 x 10; target: centre (6, 8), size 10 x 12
-    deltas = box_deltas(tf.constant([[0.0, 0.0, 10.0, 10.0]]), tf.constant([[1.0, 2.0, 11.0, 14.0]]))
+    deltas = box_deltas(tf.constant([[0.0, 0.0, 10.0, 10.0]]),
+                        tf.constant([[1.0, 2.0, 11.0, 14.0]]))
     np.testing.assert_allclose(deltas.numpy(), [[0.1, 0.3, 0.0, np.log(1.2)]], rtol=1e-6)
 
 

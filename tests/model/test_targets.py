@@ -49,7 +49,8 @@ def test_positives_negatives_and_ratio():
     assert rows_of(rois[:4], positive) == sorted(key(p) for p in PROPOSALS[:3])
     # matterport's ratio: int(3 / 0.5) - 3 = 3 negatives wanted, 2 available.
     assert rows_of(rois[4:], valid[4:]) == sorted(key(p) for p in PROPOSALS[3:5])
-    np.testing.assert_array_equal(class_ids, np.where(np.arange(8) < 4, positive.tolist() * 2, 0) * 2)
+    # Class 2 in the valid positive slots, 0 in every other slot.
+    np.testing.assert_array_equal(class_ids, np.concatenate([positive * 2, np.zeros(4)]))
     assert not valid[7] and np.all(rois[~valid] == 0)
 
 

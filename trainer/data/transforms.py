@@ -34,7 +34,8 @@ def resize_geometry(height, width, config: Config, seed: tf.Tensor | None = None
     """Where an image of (height, width) lands in the model's input.
 
     Returns scale, resized (h, w), padding (top, bottom, left, right), crop offset (y, x) and
-    crop_shape (the whole resized image unless 'crop' mode), output shape (out_h, out_w), and window (y1, x1, y2, x2): the real
+    crop_shape (the whole resized image unless 'crop' mode), output shape (out_h, out_w), and
+    window (y1, x1, y2, x2): the real
     image inside the padding, in output pixels. All int32 except scale.
     """
     scale = _scale_for(height, width, config)

@@ -82,8 +82,9 @@ def box_iou(boxes1: tf.Tensor, boxes2: tf.Tensor) -> tf.Tensor:
     """
     b1 = boxes1[..., :, None, :]
     b2 = boxes2[..., None, :, :]
-    inter_h = tf.maximum(tf.minimum(b1[..., 2], b2[..., 2]) - tf.maximum(b1[..., 0], b2[..., 0]), 0.0)
-    inter_w = tf.maximum(tf.minimum(b1[..., 3], b2[..., 3]) - tf.maximum(b1[..., 1], b2[..., 1]), 0.0)
+    inter_h = tf.minimum(b1[..., 2], b2[..., 2]) - tf.maximum(b1[..., 0], b2[..., 0])
+    inter_w = tf.minimum(b1[..., 3], b2[..., 3]) - tf.maximum(b1[..., 1], b2[..., 1])
+    inter_h, inter_w = tf.maximum(inter_h, 0.0), tf.maximum(inter_w, 0.0)
     intersection = inter_h * inter_w
     union = box_area(b1) + box_area(b2) - intersection
     return tf.math.divide_no_nan(intersection, union)

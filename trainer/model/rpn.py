@@ -26,7 +26,7 @@ def build_rpn_model(anchor_stride: int, anchors_per_location: int, depth: int) -
 
 
 def rpn_graph(rpn_model: keras.Model, feature_maps: list) -> tuple:
-    """Runs `rpn_model` on every level and concatenates: (logits, probs, deltas) over all anchors."""
+    """Runs `rpn_model` on every level; returns (logits, probs, deltas) over all anchors."""
     per_level = [rpn_model(p) for p in feature_maps]
     names = ("rpn_class_logits", "rpn_class", "rpn_bbox")
     return tuple(

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 @keras.saving.register_keras_serializable(package="mrcnn")
 class TimeDistributed(keras.layers.TimeDistributed):
-    """Applies `layer` to every [batch, rois, ...] slice at once: inputs [B, R, ...] -> [B, R, ...]."""
+    """Applies `layer` to all [batch, rois, ...] slices at once: [B, R, ...] -> [B, R, ...]."""
 
     def call(self, inputs, training=None, mask=None):
         shape = tf.shape(inputs)

@@ -1,0 +1,86 @@
+"""Training-step throughput: seconds per step, images/second and peak memory for a config.
+
+    python bench/train_step.py                                # demo preset + 256 px resnet50
+    python bench/train_step.py --config configs/demo.yaml --set IMAGE_MAX_DIM=256 --steps 10
+
+Prints one JSON line per configuration measured. Steps are timed after a warm-up (graph
+tracing), on generated shapes, with the optimizer matterport uses (SGD + momentum, global
+gradient clipping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def measure(config_path: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    import keras
+
+    from trainer import Config, MaskRCNN
+    from trainer.data import shapes
+    from trainer.data.memory import examples_dataset
+
+    config = Config.from_yaml(config_path, overrides)
+    side = int(config.IMAGE_SHAPE[0])
+    samples = list(shapes.generate(max(8, config.BATCH_SIZE), seed=0, height=side, width=side))
+    batches = iter(examples_dataset(samples, config))
+    model = MaskRCNN("training", config)
+    model.keras_model.compile(optimizer=keras.optimizers.SGD(
+        config.LEARNING_RATE, momentum=config.LEARNING_MOMENTUM,
+        global_clipnorm=config.GRADIENT_CLIP_NORM))
+    for _ in range(warmup):
+        model.keras_model.train_on_batch(next(batches))
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.keras_model.train_on_batch(next(batches))
+    seconds = (time.perf_counter() - start) / steps
+    return {
+        "benchmark": "train_step",
+        "config": config_path,
+        "overrides": overrides,
+        "backbone": config.BACKBONE,
+        "image_size": side,
+        "batch_size": config.BATCH_SIZE,
+        "steps": steps,
+        "seconds_per_step": round(seconds, 4),
+        "images_per_second": round(config.BATCH_SIZE / seconds, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    runs = [(args.config, args.overrides)] if args.config else [
+        ("configs/demo.yaml", []),
+        ("configs/demo.yaml", ["IMAGE_MIN_DIM=256", "IMAGE_MAX_DIM=256",
+                               "RPN_ANCHOR_SCALES=[16, 32, 64, 128, 256]"]),
+    ]
+    for path, overrides in runs:
+        # One process per configuration: peak memory is per process.
+        if args.config is None:
+            import subprocess
+            import sys
+
+            command = [sys.executable, __file__, "--config", path, "--steps", str(args.steps),
+                       "--warmup", str(args.warmup)]
+            for item in overrides:
+                command += ["--set", item]
+            subprocess.run(command, check=True)
+        else:
+            print(json.dumps(measure(path, overrides, args.steps, args.warmup)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
