@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from trainer import checkpoints
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.inference import mold_inputs, unmold_detections
@@ -33,12 +34,36 @@ class MaskRCNN:
     def __init__(self, mode: str, config: Config, model_dir: str | Path = "runs"):
         if mode not in MODES:
             raise UserError(f"mode must be 'training' or 'inference', got {mode!r}")
+        from trainer.training import distribution_strategy
+
         self.mode = mode
         self.config = config
         self.model_dir = Path(model_dir)
-        self.epoch = 0
+        self.strategy = distribution_strategy(config)
         builder = build_training_model if mode == "training" else build_inference_model
-        self.keras_model: keras.Model = builder(config)
+        with self.strategy.scope():
+            self.keras_model: keras.Model = builder(config)
+        self.set_log_dir()
+
+    def set_log_dir(self, model_path: str | Path | None = None) -> None:
+        """Where checkpoints go, and the epoch training continues from (matterport's rule):
+        a checkpoint inside a run folder continues that run at its epoch; anything else (no
+        path, released weights) starts a new run folder at epoch 0."""
+        self.epoch = 0
+        self.resume_from: Path | None = None
+        self.log_dir = checkpoints.run_folder(self.model_dir, self.config.NAME)
+        if model_path is None:
+            return
+        model_path = Path(model_path)
+        epoch = checkpoints.epoch_of(model_path)
+        if epoch is not None and checkpoints.RUN_FOLDER.match(model_path.parent.name):
+            self.epoch = epoch
+            self.log_dir = model_path.parent
+            self.resume_from = model_path
+
+    def find_last(self) -> Path:
+        """The newest checkpoint of this config's NAME across every run folder of model_dir."""
+        return checkpoints.find_last_checkpoint(self.model_dir, self.config.NAME)
 
     # === Weights ===
 
@@ -48,8 +73,20 @@ class MaskRCNN:
         name, skipping `exclude`. Returns the weights report; raises on a shape mismatch."""
         from trainer.weights import load_weights
 
-        return load_weights(self.keras_model, filepath, by_name=by_name,
-                            exclude=tuple(exclude or ()))
+        report = load_weights(self.keras_model, filepath, by_name=by_name,
+                              exclude=tuple(exclude or ()))
+        self.set_log_dir(filepath)
+        return report
+
+    def train(self, train_data, val_data, learning_rate: float, epochs: int, layers: str,
+              augmentation=None, custom_callbacks=None, no_augmentation_sources=None,
+              verbose: int = 1):
+        """matterport's train(): see `trainer.training.train`."""
+        from trainer.training import train
+
+        return train(self, train_data, val_data, learning_rate, epochs, layers,
+                     augmentation=augmentation, custom_callbacks=custom_callbacks,
+                     no_augmentation_sources=no_augmentation_sources, verbose=verbose)
 
     def copy_weights_from(self, other: MaskRCNN) -> int:
         """Copies every weight of `other` whose layer exists here by name; returns the count."""
