@@ -75,16 +75,18 @@ def find_last_checkpoint(model_dir: str | Path, name: str | None = None) -> Path
                     f"{model_dir}: train first, or pass a weights path")
 
 
-def save_optimizer_state(path: Path, optimizer, variables, extra: dict | None = None) -> None:
+def save_optimizer_state(path: Path, optimizer, variables, names: list[str],
+                         extra: dict | None = None) -> None:
     """Writes `optimizer`'s state for `variables` (the trainable ones) atomically.
 
-    Stored: the iteration count, the learning rate, each variable's path, and each optimizer
-    slot (momentum) in the same order; `extra` scalars/strings alongside.
+    names: a stable name per variable (matterport's weight names: Keras' own variable paths
+    change with every model built in a process). Stored: the iteration count, the learning
+    rate, the names, and each optimizer slot (momentum) in the same order; `extra` beside.
     """
     arrays: dict[str, np.ndarray] = {
         "iterations": np.asarray(int(optimizer.iterations.numpy())),
         "learning_rate": np.asarray(float(np.asarray(optimizer.learning_rate))),
-        "variable_paths": np.asarray([v.path for v in variables]),
+        "variable_names": np.asarray(names),
     }
     for i, slot in enumerate(_slots(optimizer, variables)):
         arrays[f"slot_{i:05d}"] = slot.numpy()
@@ -102,7 +104,7 @@ def save_optimizer_state(path: Path, optimizer, variables, extra: dict | None = 
         raise
 
 
-def load_optimizer_state(path: Path, optimizer, variables) -> bool:
+def load_optimizer_state(path: Path, optimizer, variables, names: list[str]) -> bool:
     """Restores a state saved by `save_optimizer_state` into a built optimizer.
 
     Returns False (and changes nothing) when the file is missing or belongs to another
@@ -112,7 +114,7 @@ def load_optimizer_state(path: Path, optimizer, variables) -> bool:
     if not path.is_file():
         return False
     with np.load(path, allow_pickle=False) as state:
-        if [str(p) for p in state["variable_paths"]] != [v.path for v in variables]:
+        if [str(n) for n in state["variable_names"]] != list(names):
             return False
         slots = _slots(optimizer, variables)
         saved = [state[f"slot_{i:05d}"] for i in range(len(slots))]

@@ -104,6 +104,16 @@ def distribution_strategy(config) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy([d.name for d in devices[: config.GPU_COUNT]])
 
 
+def weight_names(keras_model: keras.Model, variables) -> list[str]:
+    """matterport-style names ("rpn_conv_shared/kernel:0") of `variables`: stable across
+    processes, unlike Keras' auto-numbered paths of wrapped layers."""
+    from trainer.weights import model_layout
+
+    by_id = {id(v): name for layer in model_layout(keras_model)
+             for v, name in zip(layer.variables, layer.weight_names, strict=True)}
+    return [by_id[id(v)] for v in variables]
+
+
 # === Callbacks ===
 
 
@@ -143,8 +153,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
         path = checkpoint_path(self.log_dir, self.name, epoch + 1)
         save_weights(self.model, path, extra_attrs={"epoch": epoch + 1})
-        save_optimizer_state(optimizer_path(path), self.model.optimizer,
-                             self.model.trainable_variables, self.extra)
+        variables = self.model.trainable_variables
+        save_optimizer_state(optimizer_path(path), self.model.optimizer, variables,
+                             weight_names(self.model, variables), self.extra)
         self.last_saved = path
 
 
@@ -203,8 +214,10 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
         optimizer = make_optimizer(learning_rate, config)
         keras_model.compile(optimizer=optimizer)
         optimizer.build(keras_model.trainable_variables)
+        variables = keras_model.trainable_variables
         if model.resume_from is not None and load_optimizer_state(
-                optimizer_path(model.resume_from), optimizer, keras_model.trainable_variables):
+                optimizer_path(model.resume_from), optimizer, variables,
+                weight_names(keras_model, variables)):
             print(f"Restored optimizer state (iteration {int(optimizer.iterations.numpy())}) "
                   f"from {optimizer_path(model.resume_from)}")
     optimizer.learning_rate.assign(learning_rate)
