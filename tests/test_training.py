@@ -214,3 +214,13 @@ def test_gpu_count_two_trains_with_mirrored_strategy_on_two_cpus(tmp_path, shape
     assert report["replicas"] == 2
     assert all(np.isfinite(report["loss"]))
     assert report["checkpoints"] == ["mask_rcnn_demo_0001.h5"]
+
+
+def test_cli_train_rejects_a_folder_that_is_not_a_dataset(tmp_path, capsys):
+    from trainer.cli import main
+
+    code = main(["train", "--config", "configs/demo.yaml", "--data", str(tmp_path / "nope"),
+                 "--epochs", "1"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a prepared dataset" in err

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
 from trainer.errors import UserError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -248,6 +251,54 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 _COMMANDS.append(_add_evaluate)
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train one stage (heads, 3+, 4+, 5+, all or a regex) on a prepared dataset",
+        description="matterport's train(): --epochs is the epoch to stop at; --init last "
+        "resumes the newest checkpoint exactly (weights, optimizer state, epoch).",
+    )
+    train.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
+    train.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a config key (repeatable)")
+    train.add_argument("--data", required=True, help="prepared dataset folder")
+    train.add_argument("--val-data", help="dataset whose val split gives validation losses "
+                       "(default: --data)")
+    train.add_argument("--init", default="none",
+                       help="none (random), last (newest checkpoint in --model-dir) or a .h5 path")
+    train.add_argument("--exclude", nargs="*", default=[], metavar="LAYER",
+                       help="layers not to load from --init (e.g. the class-specific ones)")
+    train.add_argument("--layers", default="heads", help="heads, 3+, 4+, 5+, all, or a regex")
+    train.add_argument("--epochs", type=int, required=True, help="the epoch to stop at")
+    train.add_argument("--learning-rate", type=float, help="default: the config's LEARNING_RATE")
+    train.add_argument("--model-dir", default="runs", help="where run folders go (runs)")
+    train.add_argument("--augmentation", help="augmentation spec: YAML/JSON text or a file")
+    train.add_argument("--no-augmentation-sources", nargs="*", default=None, metavar="SOURCE")
+    train.add_argument("--json", action="store_true", help="print the summary as JSON")
+    train.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.config import Config
+    from trainer.training import train_stage
+
+    config = Config.from_yaml(args.config, args.overrides)
+    summary = train_stage(
+        config, args.data, val_data=args.val_data or args.data, init=args.init,
+        exclude=args.exclude, layers=args.layers, epochs=args.epochs,
+        learning_rate=args.learning_rate, model_dir=args.model_dir,
+        augmentation=args.augmentation, no_augmentation_sources=args.no_augmentation_sources,
+        verbose=2 if args.json else 1)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"trained {args.layers} to epoch {summary['epoch']}: {summary['checkpoint']}")
+    return 0
+
+
+_COMMANDS.append(_add_train)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -228,6 +229,7 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
     callbacks = [guard, checkpoint,
                  keras.callbacks.TensorBoard(log_dir=str(model.log_dir), write_graph=False),
                  *(custom_callbacks or [])]
+    warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
     history = keras_model.fit(
         train_set, initial_epoch=model.epoch, epochs=epochs,
         steps_per_epoch=config.STEPS_PER_EPOCH, callbacks=callbacks,
@@ -244,3 +246,54 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
         model.epoch = epoch_of(checkpoint.last_saved)
         model.resume_from = checkpoint.last_saved
     return history
+
+
+def train_stage(config, data: str | Path, *, val_data: str | Path | None = None,
+                init: str = "none", exclude: Sequence[str] = (), layers: str = "heads",
+                epochs: int, learning_rate: float | None = None, model_dir: str | Path = "runs",
+                augmentation=None, no_augmentation_sources: Sequence[str] | None = None,
+                custom_callbacks: Sequence[keras.callbacks.Callback] | None = None,
+                verbose: int = 1) -> dict:
+    """One training stage, as `mrcnn train` and the pipeline run it.
+
+    init: "none" (random initialisation), "last" (the newest checkpoint of config.NAME in
+    model_dir: resumes it) or a weights path (loaded by name, `exclude` skipped; a checkpoint
+    of ours continues its run and epoch count). Returns a JSON-ready summary.
+    """
+    from trainer.maskrcnn import MaskRCNN
+
+    if epochs < 1:
+        raise UserError(f"epochs must be at least 1, got {epochs}")
+    for folder in (data, val_data):
+        if folder is not None and "://" not in str(folder) and \
+                not (Path(folder) / "dataset.json").is_file():
+            raise UserError(f"{folder} is not a prepared dataset (no dataset.json): run "
+                            "`mrcnn data prepare` first")
+    model = MaskRCNN("training", config, model_dir=model_dir)
+    loaded = None
+    if init == "last":
+        loaded = model.find_last()
+    elif init != "none":
+        loaded = Path(init)
+        if not loaded.is_file():
+            raise UserError(f"--init {init}: no such weights file (use none, last or a path)")
+    if loaded is not None:
+        model.load_weights(loaded, by_name=True, exclude=exclude)
+        print(f"Loaded {loaded}: continuing at epoch {model.epoch}")
+    start_epoch = model.epoch
+    learning_rate = config.LEARNING_RATE if learning_rate is None else learning_rate
+    history = model.train(data, val_data, learning_rate=learning_rate, epochs=epochs,
+                          layers=layers, augmentation=augmentation,
+                          custom_callbacks=custom_callbacks,
+                          no_augmentation_sources=no_augmentation_sources, verbose=verbose)
+    return {
+        "init": str(loaded) if loaded is not None else "none",
+        "layers": layers,
+        "learning_rate": learning_rate,
+        "start_epoch": start_epoch,
+        "epoch": model.epoch,
+        "log_dir": str(model.log_dir),
+        "checkpoint": str(model.resume_from) if model.resume_from else None,
+        "history": {k: [float(v) for v in values]
+                    for k, values in (history.history if history else {}).items()},
+    }
