@@ -224,3 +224,20 @@ def test_cli_train_rejects_a_folder_that_is_not_a_dataset(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a prepared dataset" in err
+
+
+def test_precise_bn_averages_batch_statistics_of_trainable_norms_only():
+    from trainer.model.batch_norm import BatchNorm
+    from trainer.training import recompute_bn_statistics
+
+    inputs = keras.Input((2,))
+    live = BatchNorm(train_bn=True, name="live")
+    frozen = BatchNorm(train_bn=False, name="frozen")
+    model = keras.Model(inputs, [live(inputs), frozen(inputs)])
+    batches = [np.array([[0.0, 10.0], [2.0, 10.0]], np.float32),   # means (1, 10), vars (1, 0)
+               np.array([[2.0, 20.0], [4.0, 20.0]], np.float32)]   # means (3, 20), vars (1, 0)
+    assert recompute_bn_statistics(model, batches, steps=2) == 1
+    np.testing.assert_allclose(live.moving_mean.numpy(), [2.0, 15.0])
+    np.testing.assert_allclose(live.moving_variance.numpy(), [1.0, 0.0], atol=1e-6)
+    np.testing.assert_array_equal(frozen.moving_mean.numpy(), [0.0, 0.0])
+    assert live.momentum == 0.99  # restored

@@ -115,6 +115,40 @@ def weight_names(keras_model: keras.Model, variables) -> list[str]:
     return [by_id[id(v)] for v in variables]
 
 
+def recompute_bn_statistics(keras_model: keras.Model, batches, steps: int = 1) -> int:
+    """Precise BatchNorm (as Detectron2's PreciseBN): replaces the moving statistics of every
+    BatchNorm layer that trains (TRAIN_BN true) with their average over `steps` batches.
+
+    With TRAIN_BN, training normalises with each batch's statistics while inference uses
+    moving averages (momentum 0.99) that lag behind weights that move fast; recomputing them
+    once the weights are final makes inference see what training saw. Returns the number of
+    BatchNorm layers updated.
+    """
+    norms = [layer for layer in _all_layers(keras_model)
+             if isinstance(layer, keras.layers.BatchNormalization)
+             and getattr(layer, "train_bn", True)]
+    momentums = [layer.momentum for layer in norms]
+    try:
+        for k, batch in zip(range(steps), batches):
+            for layer in norms:  # running average: the k-th batch weighs 1 / (k + 1)
+                layer.momentum = k / (k + 1.0)
+            keras_model(batch, training=True)  # eager: the momentum is read on each call
+    finally:
+        for layer, momentum in zip(norms, momentums, strict=True):
+            layer.momentum = momentum
+    return len(norms)
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+        elif isinstance(layer, keras.layers.TimeDistributed):
+            yield layer.layer
+        else:
+            yield layer
+
+
 # === Callbacks ===
 
 

@@ -10,6 +10,7 @@ import pytest
 from trainer import Config, MaskRCNN
 from trainer.data import shapes
 from trainer.data.memory import examples_dataset
+from trainer.training import recompute_bn_statistics
 
 MAX_STEPS = 500
 CHECK_EVERY = 25
@@ -45,6 +46,8 @@ def test_overfits_two_images():
     for step in range(CHECK_EVERY, MAX_STEPS + 1, CHECK_EVERY):
         for _ in range(CHECK_EVERY):
             losses = training.keras_model.train_on_batch(next(batches), return_dict=True)
+        # TRAIN_BN: inference uses moving statistics; settle them on the final weights.
+        recompute_bn_statistics(training.keras_model, [next(batches)])
         inference.copy_weights_from(training)
         ious = [best_ious(s, r) for s, r in zip(samples, inference.detect(
             [s.image for s in samples]), strict=True)]
