@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.servers import GcsEmulator, HttpServer, gcs_emulator, http_server
+from tests.servers import GcsEmulator, HttpServer, http_server
 from trainer import cli
 from trainer.config import Config
 from trainer.errors import StorageError, UserError, WeightsFileError
@@ -125,28 +125,6 @@ def build_each_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
         return _MODELS[key]
 
     monkeypatch.setattr(mask_rcnn, "build_inference_model", build_once)
-
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Keep every test's download cache in its own folder, never in ~/.cache."""
-    path = tmp_path / "cache"
-    monkeypatch.setenv("MRCNN_CACHE_DIR", str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[GcsEmulator]:
-    with gcs_emulator() as server:
-        yield server
-
-
-@pytest.fixture
-def gcs(emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> GcsEmulator:
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
-    emulator.wipe()
-    return emulator
 
 
 @pytest.fixture

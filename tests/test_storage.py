@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import GcsEmulator, HttpServer, gcs_emulator, http_server
+from tests.servers import GcsEmulator, HttpServer, http_server
 from trainer import storage
 from trainer.errors import StorageError, UserError
 
@@ -17,27 +17,6 @@ PAYLOAD = bytes(range(256)) * 64  # 16 KiB, every byte value
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
 FAST = {"backoff_seconds": 0.001}  # retries still happen, without the production pauses
 
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Keep every test's default cache in its own folder, never in ~/.cache."""
-    path = tmp_path / "cache"
-    monkeypatch.setenv("MRCNN_CACHE_DIR", str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[GcsEmulator]:
-    with gcs_emulator() as server:
-        yield server
-
-
-@pytest.fixture
-def gcs(emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[GcsEmulator]:
-    """The emulator, empty, with STORAGE_EMULATOR_HOST pointing at it."""
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
-    emulator.wipe()
-    yield emulator
 
 
 @pytest.fixture
