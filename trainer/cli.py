@@ -24,6 +24,23 @@ def _print_json(obj: object) -> None:
     sys.stdout.write("\n")
 
 
+def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--config PRESET and repeatable --set KEY=VALUE, the same on every command."""
+    parser.add_argument("--config", required=required,
+                        help="YAML preset, e.g. configs/demo.yaml"
+                        + ("" if required else " (default: matterport's defaults)"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key (repeatable)")
+
+
+def _load_config(args: argparse.Namespace):
+    from trainer.config import Config
+
+    if args.config:
+        return Config.from_yaml(args.config, args.overrides)
+    return Config().with_overrides(args.overrides)
+
+
 # === Commands ===
 # Each `_add_*` function registers one subcommand; its handler imports the library lazily so
 # that `mrcnn --help` stays fast and a command never pays for another's imports.
@@ -111,11 +128,7 @@ def _add_weights(commands: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("path", metavar="PATH")
     for action, config_required in ((fetch, False), (inspect, True)):
-        action.add_argument("--config", required=config_required,
-                            help="YAML preset" + ("" if config_required else
-                                                  " (default: matterport's defaults)"))
-        action.add_argument("--set", nargs="+", action="extend", default=[],
-                            metavar="KEY=VALUE", help="config overrides")
+        _config_arguments(action, required=config_required)
         action.add_argument("--exclude", nargs="+", action="extend", default=[],
                             metavar="LAYER", help="layers not to load, e.g. mrcnn_class_logits "
                             "mrcnn_bbox_fc mrcnn_bbox mrcnn_mask for another NUM_CLASSES")
@@ -124,14 +137,6 @@ def _add_weights(commands: argparse._SubParsersAction) -> None:
         action.add_argument("--json", action="store_true", help="print the report as JSON")
     fetch.set_defaults(handler=_weights_fetch)
     inspect.set_defaults(handler=_weights_inspect)
-
-
-def _weights_config(args: argparse.Namespace):
-    from trainer.config import Config
-
-    if args.config:
-        return Config.from_yaml(args.config, args.set)
-    return Config().with_overrides(args.set)
 
 
 def _weights_progress(source: str) -> Callable[[int, int | None], None]:
@@ -157,7 +162,7 @@ def _weights_fetch(args: argparse.Namespace) -> int:
     from trainer.fetch import fetch_weights
 
     report = fetch_weights(
-        args.source, args.out, sha256=args.sha256, config=_weights_config(args),
+        args.source, args.out, sha256=args.sha256, config=_load_config(args),
         exclude=args.exclude, min_matched_fraction=args.min_matched_fraction,
         cache_dir=args.cache_dir, progress=_weights_progress(args.source))
     if args.json:
@@ -179,7 +184,7 @@ def _weights_inspect(args: argparse.Namespace) -> int:
     from trainer.weights import format_report
 
     exclude = parse_exclude(args.exclude)
-    inspection = inspect_file(args.path, _weights_config(args), exclude)
+    inspection = inspect_file(args.path, _load_config(args), exclude)
     try:
         check_fit(inspection, exclude=exclude, min_matched_fraction=args.min_matched_fraction)
         error = None
@@ -207,9 +212,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         "metrics.json, report.md and pictures/*.png into --out. Exits 0 when the gate fails "
         "(the result says so) unless --fail-on-gate.",
     )
-    evaluate.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[],
-                          metavar="KEY=VALUE", help="override a config key (repeatable)")
+    _config_arguments(evaluate)
     evaluate.add_argument("--weights", required=True,
                           help="a .h5 file, or 'last': the newest checkpoint in --model-dir")
     evaluate.add_argument("--model-dir", default="runs", help="where 'last' looks (runs)")
@@ -227,10 +230,9 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from trainer.config import Config
     from trainer.evaluate_run import evaluate
 
-    config = Config.from_yaml(args.config, args.overrides)
+    config = _load_config(args)
     result = evaluate(config, args.weights, args.data, args.out, limit=args.limit,
                       min_map=args.min_map, gate_key=args.gate_key,
                       num_pictures=args.pictures, model_dir=args.model_dir)
@@ -260,9 +262,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         description="matterport's train(): --epochs is the epoch to stop at; --init last "
         "resumes the newest checkpoint exactly (weights, optimizer state, epoch).",
     )
-    train.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
-    train.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="override a config key (repeatable)")
+    _config_arguments(train)
     train.add_argument("--data", required=True, help="prepared dataset folder")
     train.add_argument("--val-data", help="dataset whose val split gives validation losses "
                        "(default: --data)")
@@ -281,10 +281,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import Config
     from trainer.training import train_stage
 
-    config = Config.from_yaml(args.config, args.overrides)
+    config = _load_config(args)
     summary = train_stage(
         config, args.data, val_data=args.val_data or args.data, init=args.init,
         exclude=args.exclude, layers=args.layers, epochs=args.epochs,
