@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline: its definition, compiled package, local runner and KFP client."""

@@ -1,0 +1,123 @@
+"""The Mask R-CNN pipeline: wiring and resources only (the work is in `trainer.stages`).
+
+    fetch-weights ─┐
+                   ├─► train-heads ─► train-all ─► evaluate
+    prepare-data ──┘
+
+Training tasks request GPU_COUNT GPUs (`gpu_count`, also set as the config's GPU_COUNT), run on
+the GPU node pool (node selector pool=gpu, toleration nvidia.com/gpu=present:NoSchedule, as
+k8s/base/pipeline-config.yaml fixes them), and are retried when their pod dies (a preempted
+node): the retried task resumes from its newest checkpoint in `checkpoint_root`, a
+PersistentVolumeClaim (`checkpoint_pvc`) mounted into both training tasks. Every task reads
+MLFLOW_TRACKING_URI from the ConfigMap mask-rcnn-pipeline-config unless the
+`mlflow_tracking_uri` parameter is set. Locally (`mrcnn run`, kfp.local) the Kubernetes
+settings are ignored.
+"""
+
+# No `from __future__ import annotations`: KFP reads the parameter annotations as types.
+from kfp import dsl, kubernetes
+
+from components import evaluate, fetch_weights, prepare_data, train
+from trainer.tracking import RUN_ID_ENV
+
+PIPELINE_NAME = "mask-rcnn"
+CONFIG_MAP = "mask-rcnn-pipeline-config"
+CHECKPOINT_MOUNT = "/mnt/checkpoints"
+GPU_NODE_SELECTOR = ("pool", "gpu")
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present",
+                  "effect": "NoSchedule"}
+TRAIN_RESOURCES = {"cpu": "6", "memory": "24Gi"}
+DATA_RESOURCES = {"cpu": "2", "memory": "8Gi"}
+TRAIN_RETRIES = 3  # preemptions survived per training task
+DEMO_CONFIG = "configs/demo.yaml"  # a preset inside the image, or YAML text
+
+
+def _with_tracking_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """MLFLOW_TRACKING_URI from the ConfigMap (optional: the parameter may carry it instead)
+    and the KFP run id from the pod's label. The run id is no task input, so it does not
+    change the cache key of fetch-weights and prepare-data."""
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP,
+                                     {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"},
+                                     optional=True)
+    kubernetes.use_field_path_as_env(task, RUN_ID_ENV, "metadata.labels['pipeline/runid']")
+    return task
+
+
+def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
+    return task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+
+
+def _on_gpu_pool(task: dsl.PipelineTask, gpu_type: str, gpu_count: int, checkpoint_pvc: str
+                 ) -> dsl.PipelineTask:
+    task.set_accelerator_type(gpu_type).set_accelerator_limit(gpu_count)
+    _resources(task, **TRAIN_RESOURCES)
+    kubernetes.add_node_selector(task, *GPU_NODE_SELECTOR)
+    kubernetes.add_toleration(task, **GPU_TOLERATION)
+    kubernetes.mount_pvc(task, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+    task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+    return task.set_caching_options(False)
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Mask R-CNN: fetch weights, prepare data, "
+              "train heads then all layers, evaluate; tracked in MLflow")
+def mask_rcnn_pipeline(
+    config: str = DEMO_CONFIG,
+    config_overrides: list = [],  # noqa: B006 - KFP parameters take literal defaults
+    weights_source: str = "none",
+    weights_sha256: str = "",
+    weights_exclude: list = [],  # noqa: B006
+    dataset_source: str = "shapes",
+    dataset_count: int = 0,
+    val_fraction: float = 0.1,
+    heads_epochs: int = 1,
+    heads_learning_rate: float = 0.0,
+    total_epochs: int = 3,
+    all_learning_rate: float = 0.0,
+    gpu_type: str = "nvidia.com/gpu",
+    gpu_count: int = 1,
+    checkpoint_root: str = CHECKPOINT_MOUNT,
+    checkpoint_pvc: str = "mask-rcnn-checkpoints",
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "mask-rcnn",
+    registered_model_name: str = "mask-rcnn",
+    min_map: float = 0.0,
+    gate_key: str = "segm_mAP",
+    evaluation_limit: int = 0,
+    num_pictures: int = 4,
+):
+    """config: a preset path in the image (configs/coco.yaml) or YAML text; config_overrides:
+    KEY=VALUE strings. weights_source: gs://, https://, a path, or "none" (random init);
+    weights_exclude: layers not loaded (the class-specific ones for another NUM_CLASSES).
+    dataset_source: "shapes" or a COCO folder (annotations.json + images/, local or gs://);
+    dataset_count: images to read (0 = all; shapes: 500). heads_epochs, total_epochs: the epoch
+    each stage stops at; learning rates of 0 mean LEARNING_RATE (heads) and a tenth of it (all).
+    min_map: the gate on gate_key that registers the model as registered_model_name ("" = do
+    not register). evaluation_limit: val images to evaluate (0 = all)."""
+    common = dict(config=config, config_overrides=config_overrides,
+                  mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment)
+
+    weights = fetch_weights(source=weights_source, sha256=weights_sha256,
+                            exclude=weights_exclude, **common).set_display_name("fetch-weights")
+    data = prepare_data(source=dataset_source, count=dataset_count, val_fraction=val_fraction,
+                        **common).set_display_name("prepare-data")
+    for task in (weights, data):
+        _with_tracking_env(_resources(task, **DATA_RESOURCES)).set_caching_options(True)
+
+    heads = train(stage="train-heads", layers="heads", epochs=heads_epochs,
+                  learning_rate=heads_learning_rate, default_lr_factor=1.0,
+                  exclude=weights_exclude, gpu_count=gpu_count, checkpoint_root=checkpoint_root,
+                  dataset=data.outputs["dataset"], init=weights.outputs["weights"],
+                  **common).set_display_name("train-heads")
+    all_layers = train(stage="train-all", layers="all", epochs=total_epochs,
+                       learning_rate=all_learning_rate, default_lr_factor=0.1, exclude=[],
+                       gpu_count=gpu_count, checkpoint_root=checkpoint_root,
+                       dataset=data.outputs["dataset"], init=heads.outputs["model"],
+                       **common).set_display_name("train-all")
+    for task in (heads, all_layers):
+        _with_tracking_env(_on_gpu_pool(task, gpu_type, gpu_count, checkpoint_pvc))
+
+    scores = evaluate(limit=evaluation_limit, min_map=min_map, gate_key=gate_key,
+                      num_pictures=num_pictures, registered_model_name=registered_model_name,
+                      dataset=data.outputs["dataset"], model=all_layers.outputs["model"],
+                      **common).set_display_name("evaluate")
+    _with_tracking_env(_resources(scores, **DATA_RESOURCES)).set_caching_options(False)
