@@ -179,5 +179,5 @@ def training_example(image: tf.Tensor, masks: tf.Tensor, class_ids: tf.Tensor, c
         "input_rpn_bbox": rpn_bbox,
         "input_gt_class_ids": pad_instances(class_ids, max_gt),
         "input_gt_boxes": tf.cast(pad_instances(boxes, max_gt), tf.float32),
-        "input_gt_masks": pad_instances(masks, max_gt, axis=2),
+        "input_gt_masks": tf.cast(pad_instances(masks, max_gt, axis=2), tf.uint8),
     }

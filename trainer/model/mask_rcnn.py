@@ -49,8 +49,9 @@ def _shared_graph(config: Config, image, proposal_count: int):
 def build_training_model(config: Config) -> MaskRCNNTrainingModel:
     """The training graph. Inputs (batch first): input_image float32 [H, W, C] (molded),
     input_image_meta [META], input_rpn_match int32 [A], input_rpn_bbox [R, 4],
-    input_gt_class_ids int32 [G], input_gt_boxes [G, 4] pixels, input_gt_masks bool
-    [h, w, G] (mini-masks when USE_MINI_MASK)."""
+    input_gt_class_ids int32 [G], input_gt_boxes [G, 4] pixels, input_gt_masks uint8
+    [h, w, G] of 0/1 (mini-masks when USE_MINI_MASK; not bool: Keras' distributed build
+    averages a batch, which bool tensors cannot do)."""
     image = _image_input(config)
     mask_hw = config.MINI_MASK_SHAPE if config.USE_MINI_MASK else (None, None)
     inputs = {
@@ -62,7 +63,7 @@ def build_training_model(config: Config) -> MaskRCNNTrainingModel:
         "input_gt_class_ids": keras.Input((config.MAX_GT_INSTANCES,), dtype="int32",
                                           name="input_gt_class_ids"),
         "input_gt_boxes": keras.Input((config.MAX_GT_INSTANCES, 4), name="input_gt_boxes"),
-        "input_gt_masks": keras.Input((*mask_hw, config.MAX_GT_INSTANCES), dtype="bool",
+        "input_gt_masks": keras.Input((*mask_hw, config.MAX_GT_INSTANCES), dtype="uint8",
                                       name="input_gt_masks"),
     }
     meta = inputs["input_image_meta"]

@@ -83,7 +83,7 @@ def detection_targets(proposals, gt_class_ids, gt_boxes, gt_masks, *, rois_per_i
 
     proposals: float32 [B, N, 4] normalised, zero rows are padding
     gt_class_ids: int32 [B, G]; gt_boxes: float32 [B, G, 4] normalised
-    gt_masks: bool [B, h, w, G], full-image masks, or mini-masks (each resized from its box)
+    gt_masks: bool or 0/1 [B, h, w, G], full-image masks, or mini-masks (each resized from its box)
     Returns, with P = int(rois_per_image * positive_ratio) positive slots first:
       rois float32 [B, T, 4] (T = rois_per_image): positives in [0, P), negatives after,
         zero rows where a slot is unused
@@ -159,7 +159,7 @@ def detection_targets(proposals, gt_class_ids, gt_boxes, gt_masks, *, rois_per_i
 def _mask_targets(rois, gt_index, gt_boxes, gt_masks, mask_shape, use_mini_mask):
     """Crops each ROI's assigned gt mask to the ROI and resizes it to mask_shape (0/1).
 
-    rois, gt_boxes: [B, P, 4] normalised; gt_index int32 [B, P]; gt_masks bool [B, h, w, G].
+    rois, gt_boxes: [B, P, 4] normalised; gt_index int32 [B, P]; gt_masks bool or 0/1 [B, h, w, G].
     """
     boxes = rois
     if use_mini_mask:
