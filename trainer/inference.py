@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from trainer.config import Config
 from trainer.data.transforms import inference_inputs
+from trainer.errors import UserError
 
 
 def mold_inputs(images: Sequence[np.ndarray], config: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -21,7 +22,7 @@ def mold_inputs(images: Sequence[np.ndarray], config: Config) -> tuple[np.ndarra
     for image in images:
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[-1] != config.IMAGE_CHANNEL_COUNT:
-            raise ValueError(
+            raise UserError(
                 f"expected images of shape [H, W, {config.IMAGE_CHANNEL_COUNT}], got {image.shape}"
             )
         inputs = inference_inputs(tf.constant(image, tf.uint8), config)

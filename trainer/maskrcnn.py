@@ -113,19 +113,26 @@ class MaskRCNN:
         """
         if self.mode != "inference":
             raise UserError("detect() needs a model built with mode='inference'")
-        results: list[dict] = []
+        molded = [mold_inputs([image], self.config) for image in images]
+        # Images batch together only when molded to one shape ('pad64'/'none' modes vary).
+        by_shape: dict[tuple, list[int]] = {}
+        for index, (image, _) in enumerate(molded):
+            by_shape.setdefault(image.shape, []).append(index)
+        results: list[dict | None] = [None] * len(images)
         batch = self.config.BATCH_SIZE
-        for start in range(0, len(images), batch):
-            chunk = list(images[start:start + batch])
-            molded, metas = mold_inputs(chunk, self.config)
-            detections, _, _, masks, *_ = self.keras_model.predict_on_batch(
-                {"input_image": molded, "input_image_meta": metas})
-            fields = parse_image_meta(metas)
-            for i in range(len(chunk)):
-                results.append(unmold_detections(
-                    np.asarray(detections[i]), np.asarray(masks[i]),
-                    np.asarray(fields["original_image_shape"][i]),
-                    np.asarray(fields["image_shape"][i]), np.asarray(fields["window"][i])))
-                if verbose:
-                    print(f"image {start + i}: {len(results[-1]['class_ids'])} detections")
+        for indices in by_shape.values():
+            for start in range(0, len(indices), batch):
+                chunk = indices[start:start + batch]
+                metas = np.concatenate([molded[i][1] for i in chunk])
+                detections, _, _, masks, *_ = self.keras_model.predict_on_batch({
+                    "input_image": np.concatenate([molded[i][0] for i in chunk]),
+                    "input_image_meta": metas})
+                fields = parse_image_meta(metas)
+                for row, index in enumerate(chunk):
+                    results[index] = unmold_detections(
+                        np.asarray(detections[row]), np.asarray(masks[row]),
+                        np.asarray(fields["original_image_shape"][row]),
+                        np.asarray(fields["image_shape"][row]), np.asarray(fields["window"][row]))
+                    if verbose:
+                        print(f"image {index}: {len(results[index]['class_ids'])} detections")
         return results
