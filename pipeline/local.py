@@ -149,6 +149,8 @@ def stage_summary(uri: str, experiment: str, run_id: str) -> list[dict]:
             shown["loss"] = f"{first:.3f} -> {last:.3f}" if len(history) > 1 else f"{last:.3f}"
             if "val_loss" in metrics:
                 shown["val_loss"] = f"{metrics['val_loss']:.3f}"
+        if "weights_source" in run.data.params:
+            shown["weights"] = run.data.params["weights_source"]
         for key in ("train_images", "val_images", "layers_matched",
                     *EVALUATION_METRICS[::2], "gate_passed"):
             if key in metrics:
@@ -159,7 +161,8 @@ def stage_summary(uri: str, experiment: str, run_id: str) -> list[dict]:
                      "seconds": round((end - run.info.start_time) / 1000, 1),
                      "status": run.info.status, "metrics": shown,
                      "run_id": run.info.run_id, "parent_run_id": parent.info.run_id})
-    return rows
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    return sorted(rows, key=lambda row: order.get(row["stage"], len(order)))
 
 
 def format_summary(summary: dict) -> str:

@@ -47,12 +47,12 @@ def compile_pipeline(path: str | Path = PACKAGE) -> Path:
 def package_parameters(package: str | Path) -> dict[str, str]:
     """The pipeline's parameters in a compiled package: name -> KFP type (STRING, ...)."""
     try:
-        spec = yaml.safe_load(Path(package).read_text())
+        spec = next(yaml.safe_load_all(Path(package).read_text()))  # then the platforms
         parameters = spec["root"]["inputDefinitions"]["parameters"]
     except FileNotFoundError:
         raise UserError(f"--package {package} does not exist: run `mrcnn pipeline compile`") \
             from None
-    except (yaml.YAMLError, KeyError, TypeError):
+    except (yaml.YAMLError, KeyError, TypeError, StopIteration):
         raise UserError(f"--package {package} is not a compiled KFP pipeline") from None
     return {name: p["parameterType"] for name, p in parameters.items()}
 

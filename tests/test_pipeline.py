@@ -1,0 +1,258 @@
+"""The Kubeflow pipeline: the committed package, its cluster settings, the submit arguments, and
+runs through KFP's local runner (`mrcnn run`) against a real MLflow server."""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import submit
+from pipeline.local import parse_params
+from trainer.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+MRCNN = [sys.executable, "-m", "trainer.cli"]
+STAGES = ["fetch-weights", "prepare-data", "train-heads", "train-all", "evaluate"]
+TRAIN_TASKS = ("exec-train", "exec-train-2")  # the train component, used twice
+
+
+def compiled_documents(path: Path) -> tuple[dict, dict]:
+    """(pipeline spec, Kubernetes platform spec) of a compiled package."""
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+# === The compiled package ===
+
+
+def test_the_committed_package_is_the_compiled_pipeline(tmp_path):
+    fresh = submit.compile_pipeline(tmp_path / "pipeline.yaml")
+    assert submit.PACKAGE.read_text() == fresh.read_text(), (
+        "pipeline/mask_rcnn_pipeline.yaml is stale: run `mrcnn pipeline compile` and commit it")
+
+
+def test_training_tasks_request_gpus_on_the_gpu_pool_and_retry():
+    spec, executors = compiled_documents(submit.PACKAGE)
+    containers = spec["deploymentSpec"]["executors"]
+    tasks = spec["root"]["dag"]["tasks"]
+    for name in TRAIN_TASKS:
+        resources = containers[name]["container"]["resources"]
+        assert resources["accelerator"] == {
+            "resourceCount": "{{$.inputs.parameters['pipelinechannel--gpu_count']}}",
+            "resourceType": "{{$.inputs.parameters['pipelinechannel--gpu_type']}}"}
+        assert resources["cpuRequest"] > 0 and resources["memoryRequest"] > 0
+        platform = executors[name]
+        assert platform["nodeSelector"] == {"labels": {"pool": "gpu"}}
+        assert platform["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Equal",
+                                            "value": "present", "effect": "NoSchedule"}]
+        assert platform["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
+    for task in ("train", "train-2"):
+        assert tasks[task]["retryPolicy"]["maxRetryCount"] >= 1
+        assert not tasks[task]["cachingOptions"].get("enableCache")
+    for task in ("fetch-weights", "prepare-data"):
+        assert tasks[task]["cachingOptions"]["enableCache"] is True
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["gpu_count"]["defaultValue"] == 1
+    assert params["gpu_type"]["defaultValue"] == "nvidia.com/gpu"
+
+
+def test_every_task_gets_the_tracking_uri_from_the_config_map_and_the_run_id():
+    spec, executors = compiled_documents(submit.PACKAGE)
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])  # all five task kinds
+    for name, platform in executors.items():
+        [config_map] = platform["configMapAsEnv"]
+        assert config_map["configMapName"] == "mask-rcnn-pipeline-config", name
+        assert config_map["keyToEnv"] == [{"configMapKey": "MLFLOW_TRACKING_URI",
+                                           "envVar": "MLFLOW_TRACKING_URI"}]
+        assert platform["fieldPathAsEnv"] == [{"fieldPath": "metadata.labels['pipeline/runid']",
+                                               "name": "MRCNN_PIPELINE_RUN_ID"}]
+
+
+def test_components_run_the_package_version_image():
+    from trainer.version import IMAGE
+
+    spec, _ = compiled_documents(submit.PACKAGE)
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {IMAGE}
+
+
+# === Parameters ===
+
+
+def test_submit_arguments_come_from_params_then_the_config_map_environment(tmp_path):
+    environ = {"CONFIG_PRESET": "configs/coco.yaml", "HEADS_EPOCHS": "40",
+               "TOTAL_EPOCHS": "160", "WEIGHTS_SOURCE": "gs://b/w.h5", "KFP_HOST": "x"}
+    arguments = submit.run_arguments(submit.PACKAGE, ["total_epochs=2",
+                                                      "weights_exclude=[mrcnn_mask]"], environ)
+    assert arguments["heads_epochs"] == 40 and arguments["total_epochs"] == 2
+    assert arguments["weights_source"] == "gs://b/w.h5"
+    assert arguments["weights_exclude"] == ["mrcnn_mask"]
+    # a preset that exists here is sent as its resolved YAML; the image has its own copy too
+    assert yaml.safe_load(arguments["config"])["NAME"] == "coco"
+    assert "config" not in submit.run_arguments(submit.PACKAGE, [], {})
+
+
+@pytest.mark.parametrize("param, message", [
+    ("epochs=3", "NAME one of"),
+    ("heads_epochs=three", "not a number_integer"),
+    ("weights_exclude=mrcnn_mask", "not a list"),
+])
+def test_bad_parameters_are_one_line_errors(param, message):
+    with pytest.raises(UserError, match=message):
+        submit.run_arguments(submit.PACKAGE, [param], {})
+    with pytest.raises(UserError):
+        parse_params([param])
+
+
+def test_schedule_refuses_a_malformed_cron():
+    with pytest.raises(UserError, match="expected 5 fields"):
+        submit.schedule("http://127.0.0.1:1", "0 3 * *")
+
+
+# === Local runs (kfp.local) ===
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path):
+    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts; stopped after."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server",
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--default-artifact-root", "mlflow-artifacts:/",
+               "--artifacts-destination", str(root / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = (root / "server.log").open("wb")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start:\n" +
+                                       (root / "server.log").read_text()[-2000:]) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def mrcnn_run(workdir: Path, *args: str, uri: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    return subprocess.run([*MRCNN, "run", "--workdir", str(workdir), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1500)
+
+
+def test_a_bad_weights_source_fails_the_run_in_fetch_weights_with_its_reason(tmp_path):
+    missing = tmp_path / "no-such-weights.h5"
+    result = mrcnn_run(tmp_path / "work", "--param", f"weights_source={missing}")
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    [message] = result.stderr.strip().splitlines()[-1:]
+    assert message.startswith("mrcnn run: error: stage fetch-weights failed: ")
+    assert str(missing) in message
+    assert "Executing task 'prepare-data'" not in result.stdout + result.stderr
+
+
+TINY = ["--set", "STEPS_PER_EPOCH=2", "--set", "VALIDATION_STEPS=1",
+        "--param", "dataset_count=24", "--param", "val_fraction=0.25",
+        "--param", "heads_epochs=1", "--param", "total_epochs=2",
+        "--param", "evaluation_limit=4", "--param", "num_pictures=2",
+        "--param", "mlflow_experiment=e2e"]
+LOSSES = ["loss", "rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss",
+          "mrcnn_mask_loss"]
+EVALUATION = ["bbox_mAP", "bbox_mAP50", "segm_mAP", "segm_mAP50", "voc_mAP50"]
+
+
+def artifact_paths(client, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path or None):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_runs_locally_and_tracks_every_stage_in_mlflow(tmp_path):
+    from mlflow import MlflowClient
+
+    with mlflow_server(tmp_path / "mlflow") as url:
+        result = mrcnn_run(tmp_path / "work", *TINY, "--json", uri=url)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        summary = json.loads(result.stdout[result.stdout.rindex("\n{\n") + 1:])  # after the logs
+        assert [row["stage"] for row in summary["stages"]] == STAGES
+        assert summary["tracking_uri"] == url
+
+        client = MlflowClient(url)
+        exp = client.get_experiment_by_name("e2e")
+        [parent] = client.search_runs(
+            [exp.experiment_id], f"tags.pipeline_run_id = '{summary['pipeline_run_id']}' "
+            "and tags.`mrcnn.role` = 'pipeline'")
+        assert parent.info.status == "FINISHED"
+        children = client.search_runs(
+            [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        runs = {run.info.run_name: run for run in children}
+        assert sorted(runs) == sorted(STAGES) and len(children) == 5
+        assert {run.info.status for run in children} == {"FINISHED"}
+        for run in children:
+            assert run.data.params["NAME"] == "demo"  # the resolved config
+            assert run.data.params["STEPS_PER_EPOCH"] == "2"
+
+        # per-epoch losses, step = epoch: heads epoch 1, all layers epoch 2
+        for stage, epoch in (("train-heads", 1), ("train-all", 2)):
+            run = runs[stage]
+            for key in [*LOSSES, *(f"val_{k}" for k in LOSSES)]:
+                history = client.get_metric_history(run.info.run_id, key)
+                assert [m.step for m in history] == [epoch], (stage, key)
+        for key in EVALUATION:
+            assert key in runs["evaluate"].data.metrics
+            assert key in parent.data.metrics
+        assert parent.data.metrics["gate_passed"] == 1.0  # min_map 0: the gate passes
+
+        artifacts = {stage: artifact_paths(client, run.info.run_id)
+                     for stage, run in runs.items()}
+        assert all("config.yaml" in paths for paths in artifacts.values())
+        assert "weights/report.json" in artifacts["fetch-weights"]
+        assert "dataset/dataset.json" in artifacts["prepare-data"]
+        assert "checkpoint/mask_rcnn_demo_0001.h5" in artifacts["train-heads"]
+        assert "checkpoint/mask_rcnn_demo_0002.h5" in artifacts["train-all"]
+        assert {"evaluation/metrics.json", "evaluation/report.md"} <= artifacts["evaluate"]
+        assert any(p.startswith("evaluation/pictures/") for p in artifacts["evaluate"])
+
+        # registered when the gate passes, from the evaluate run
+        [version] = client.search_model_versions("name = 'mask-rcnn'")
+        assert version.run_id == runs["evaluate"].info.run_id
+        assert parent.data.tags["registered_model"] == f"mask-rcnn/{version.version}"
+
+    # KFP's own outputs: the metrics artifact of evaluate, the reports
+    [output] = (tmp_path / "work" / "kfp").glob("mask-rcnn-*/evaluate/executor_output.json")
+    metrics = json.loads(output.read_text())["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    for key in EVALUATION:
+        assert metrics[key] == pytest.approx(runs["evaluate"].data.metrics[key])
+    report = output.parent / "report"
+    assert report.read_text().startswith("#")
+    assert "data:image/png;base64," in (output.parent / "pictures").read_text()
