@@ -17,6 +17,7 @@ import yaml
 from pipeline import submit
 from pipeline.local import parse_params
 from trainer.errors import UserError
+from trainer.stages import resolve_init
 
 ROOT = Path(__file__).resolve().parents[1]
 MRCNN = [sys.executable, "-m", "trainer.cli"]
@@ -115,6 +116,55 @@ def test_bad_parameters_are_one_line_errors(param, message):
 def test_schedule_refuses_a_malformed_cron():
     with pytest.raises(UserError, match="expected 5 fields"):
         submit.schedule("http://127.0.0.1:1", "0 3 * *")
+
+
+# === Where a train task starts (the retry-on-preemption path) ===
+
+
+@pytest.fixture
+def demo_config():
+    from trainer.config import Config
+
+    return Config.from_yaml(ROOT / "configs" / "demo.yaml")
+
+
+def test_a_retried_train_task_resumes_from_its_own_newest_checkpoint(tmp_path, demo_config):
+    model_dir = tmp_path / "checkpoints" / "run-1" / "train-all"
+    for epoch in (2, 3):
+        path = model_dir / "demo20250101T1200" / f"mask_rcnn_demo_{epoch:04d}.h5"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"h5")
+    heads = tmp_path / "heads-model"
+    heads.mkdir()
+    (heads / "mask_rcnn_demo_0001.h5").write_bytes(b"heads")
+    init, why = resolve_init(str(heads), model_dir, demo_config)
+    assert init == "last" and "retried" in why  # not the heads' checkpoint again
+
+
+def test_the_all_layers_stage_continues_the_heads_checkpoint_in_its_own_folder(
+        tmp_path, demo_config):
+    heads = tmp_path / "heads-model"
+    heads.mkdir()
+    (heads / "mask_rcnn_demo_0001.h5").write_bytes(b"heads")
+    (heads / "summary.json").write_text(json.dumps(
+        {"log_dir": "/elsewhere/train-heads/demo20250101T1200"}))
+    model_dir = tmp_path / "train-all"
+    init, _ = resolve_init(str(heads), model_dir, demo_config)
+    # inside a run folder, so training continues at epoch 1 and writes beside it
+    assert init == str(model_dir / "demo20250101T1200" / "mask_rcnn_demo_0001.h5")
+    assert Path(init).read_bytes() == b"heads"
+    assert (heads / "mask_rcnn_demo_0001.h5").read_bytes() == b"heads"  # input untouched
+    # a retry of this task before its first epoch ends finds the copy: the same start
+    assert resolve_init(str(heads), model_dir, demo_config)[0] == "last"
+
+
+def test_the_heads_stage_loads_fetched_weights_or_starts_from_random(tmp_path, demo_config):
+    fetched = tmp_path / "weights"
+    fetched.mkdir()
+    assert resolve_init(str(fetched), tmp_path / "a", demo_config)[0] == "none"
+    (fetched / "weights.h5").write_bytes(b"coco")
+    assert resolve_init(str(fetched), tmp_path / "b", demo_config)[0] == \
+        str(fetched / "weights.h5")
 
 
 # === Local runs (kfp.local) ===

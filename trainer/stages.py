@@ -50,13 +50,12 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> Config:
     return Config.from_yaml(path, overrides)
 
 
-def _config_params(config: Config) -> dict:
-    return {key: value for key, value in config.to_dict().items()}
-
-
-def _start(tracker: StageTracker, config: Config, params: dict) -> None:
-    tracker.log_params({**_config_params(config), **params})
-    tracker.log_params(_config_params(config), parent=True)
+def _start(tracker: StageTracker, config: Config, params: dict,
+           pipeline_config: Config | None = None) -> None:
+    """The resolved config as the stage's params and config.yaml; the pipeline's config (before
+    a stage's own device settings, the same in every stage) as the parent's params."""
+    tracker.log_params({**config.to_dict(), **params})
+    tracker.log_params((pipeline_config or config).to_dict(), parent=True)
     tracker.log_text(config.to_yaml(), "config.yaml")
 
 
@@ -157,13 +156,14 @@ def train_stage_run(*, config: str, overrides: Sequence[str], gpu_count: int, st
     from trainer.training import train_stage
 
     with StageTracker(tracking, stage) as tracker:
-        cfg = resolve_config(config, [*overrides, f"GPU_COUNT={gpu_count}"])
+        pipeline_config = resolve_config(config, overrides)
+        cfg = pipeline_config.replace(GPU_COUNT=gpu_count)
         model_dir = Path(checkpoint_root) / _run_folder_key(tracking.pipeline_run_id) / stage
         init, why = resolve_init(init_dir, model_dir, cfg)
         print(f"{stage}: {why}; checkpoints in {model_dir}", flush=True)
         rate = learning_rate if learning_rate > 0 else cfg.LEARNING_RATE * default_lr_factor
         _start(tracker, cfg, {"layers": layers, "epochs": epochs, "learning_rate": rate,
-                              "init": init, "model_dir": str(model_dir)})
+                              "init": init, "model_dir": str(model_dir)}, pipeline_config)
         loaded_exclude = list(exclude) if init.endswith(WEIGHTS_FILE) else []
         summary = train_stage(cfg, dataset_dir, val_data=dataset_dir, init=init,
                               exclude=loaded_exclude, layers=layers, epochs=epochs,
@@ -196,12 +196,15 @@ def evaluate_stage(*, config: str, overrides: Sequence[str], dataset_dir: str, m
     from trainer.evaluate_run import evaluate
 
     with StageTracker(tracking, "evaluate") as tracker:
-        cfg = resolve_config(config, overrides)
-        [weights] = sorted(Path(model_dir).glob("mask_rcnn_*.h5"))[-1:] or [None]
-        if weights is None:
+        # One device: the evaluate task requests no GPUs whatever the training used.
+        pipeline_config = resolve_config(config, overrides)
+        cfg = pipeline_config.replace(GPU_COUNT=1)
+        found = sorted(Path(model_dir).glob("mask_rcnn_*.h5"))
+        if not found:
             raise UserError(f"evaluate: no checkpoint (mask_rcnn_*.h5) in {model_dir}")
+        weights = found[-1]
         _start(tracker, cfg, {"weights": weights.name, "limit": limit, "min_map": min_map,
-                              "gate_key": gate_key})
+                              "gate_key": gate_key}, pipeline_config)
         result = evaluate(cfg, weights, dataset_dir, out_dir, limit=limit or None,
                           min_map=min_map, gate_key=gate_key, num_pictures=num_pictures)
         gate = result["gate"]
