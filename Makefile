@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 run: $(STAMP)
-	$(BIN)/python -m trainer.demo --config configs/demo.yaml
+	$(BIN)/mrcnn run --config configs/demo.yaml
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
