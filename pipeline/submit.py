@@ -30,6 +30,7 @@ ENV_PARAMETERS = {
     "TOTAL_EPOCHS": "total_epochs",
     "MLFLOW_EXPERIMENT_NAME": "mlflow_experiment",
     "REGISTERED_MODEL_NAME": "registered_model_name",
+    "MIN_MAP": "min_map",
 }
 KFP_EXPERIMENT = "mask-rcnn"
 

@@ -629,3 +629,14 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context():
         for source in sources.split():
             top = source.split("/")[0]
             assert top in allowed, f"the Dockerfile copies {source}, which .dockerignore excludes"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_checkpoint_claim_the_pipeline_mounts_exists(overlays, overlay):
+    import inspect
+
+    from pipeline.pipeline import mask_rcnn_pipeline
+
+    default = inspect.signature(mask_rcnn_pipeline.pipeline_func).parameters["checkpoint_pvc"]
+    claim = the_object(overlays[overlay], "PersistentVolumeClaim", default.default)
+    assert claim["spec"]["resources"]["requests"]["storage"]

@@ -90,11 +90,13 @@ def test_components_run_the_package_version_image():
 
 def test_submit_arguments_come_from_params_then_the_config_map_environment(tmp_path):
     environ = {"CONFIG_PRESET": "configs/coco.yaml", "HEADS_EPOCHS": "40",
-               "TOTAL_EPOCHS": "160", "WEIGHTS_SOURCE": "gs://b/w.h5", "KFP_HOST": "x"}
+               "TOTAL_EPOCHS": "160", "WEIGHTS_SOURCE": "gs://b/w.h5", "KFP_HOST": "x",
+               "MIN_MAP": "0.3"}
     arguments = submit.run_arguments(submit.PACKAGE, ["total_epochs=2",
                                                       "weights_exclude=[mrcnn_mask]"], environ)
     assert arguments["heads_epochs"] == 40 and arguments["total_epochs"] == 2
     assert arguments["weights_source"] == "gs://b/w.h5"
+    assert arguments["min_map"] == 0.3  # the registration gate from the ConfigMap
     assert arguments["weights_exclude"] == ["mrcnn_mask"]
     # a preset that exists here is sent as its resolved YAML; the image has its own copy too
     assert yaml.safe_load(arguments["config"])["NAME"] == "coco"
