@@ -81,3 +81,12 @@ def test_training_and_inference_models_share_layers_by_name():
     inference = weighted_layers(build_inference_model(config))
     assert training == inference
     assert training["mrcnn_class_logits"] == [(1024, 4), (4,)]
+
+
+def test_layers_without_xla_kernels_opt_out_of_jit():
+    # Keras compiles with XLA on GPUs unless a layer says it cannot: NMS has no XLA kernel.
+    config = Config.from_yaml("configs/demo.yaml")
+    assert build_training_model(config).get_layer("ROI").supports_jit is False
+    inference = build_inference_model(config)
+    assert inference.get_layer("mrcnn_detection").supports_jit is False
+    assert inference.get_layer("roi_align_mask").supports_jit  # gathers only: XLA-friendly

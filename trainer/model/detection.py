@@ -52,6 +52,7 @@ class DetectionLayer(keras.layers.Layer):
     def __init__(self, max_instances: int, min_confidence: float, nms_threshold: float,
                  bbox_std_dev, **kwargs):
         super().__init__(**kwargs)
+        self.supports_jit = False  # CombinedNonMaxSuppression has no XLA kernel
         self.max_instances = int(max_instances)
         self.min_confidence = float(min_confidence)
         self.nms_threshold = float(nms_threshold)

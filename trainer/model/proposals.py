@@ -21,6 +21,9 @@ class ProposalLayer(keras.layers.Layer):
     def __init__(self, proposal_count: int, nms_threshold: float, pre_nms_limit: int,
                  rpn_bbox_std_dev=(0.1, 0.1, 0.2, 0.2), **kwargs):
         super().__init__(**kwargs)
+        # NonMaxSuppressionV3 has no XLA kernel: keeps Keras' jit_compile="auto" (XLA on GPU)
+        # from compiling a graph that would fail.
+        self.supports_jit = False
         self.proposal_count = int(proposal_count)
         self.nms_threshold = float(nms_threshold)
         self.pre_nms_limit = int(pre_nms_limit)
