@@ -241,3 +241,21 @@ def test_precise_bn_averages_batch_statistics_of_trainable_norms_only():
     np.testing.assert_allclose(live.moving_variance.numpy(), [1.0, 0.0], atol=1e-6)
     np.testing.assert_array_equal(frozen.moving_mean.numpy(), [0.0, 0.0])
     assert live.momentum == 0.99  # restored
+
+
+def test_precise_bn_callback_runs_at_epoch_end_unless_training_diverged():
+    from trainer.model.batch_norm import BatchNorm
+    from trainer.training import NonFiniteLossGuard, PreciseBatchNorm
+
+    inputs = keras.Input((1,))
+    norm = BatchNorm(train_bn=True)
+    model = keras.Model(inputs, norm(inputs))
+    guard = NonFiniteLossGuard()
+    callback = PreciseBatchNorm(iter([np.array([[1.0], [3.0]], np.float32)] * 4), guard, steps=2)
+    callback.set_model(model)
+    guard.tripped = (1, 1, float("nan"))
+    callback.on_epoch_end(0)
+    assert norm.moving_mean.numpy()[0] == 0.0  # a diverged epoch is never recomputed or saved
+    guard.tripped = None
+    callback.on_epoch_end(0)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), [2.0])
