@@ -7,34 +7,34 @@ With `STORAGE_EMULATOR_HOST` set (e.g. `http://127.0.0.1:9023`) gs:// goes to th
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import functools
-import hashlib
 import logging
 import os
 import random
-import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-import google_crc32c
 import requests
 
+from trainer.atomic_files import CHUNK_BYTES, Progress, _atomic_file, _HashingWriter
+from trainer.download_cache import (
+    _cache_entry,
+    _install_cached,
+    _store_cached,
+    default_cache_dir,
+)
 from trainer.errors import StorageError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes if known)
 
-CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = (10.0, 60.0)  # (connect, read between two chunks)
 BACKOFF_SECONDS = 0.5  # pause before the first retry; doubles each retry (at most 30 s)
 
@@ -79,59 +79,6 @@ def _split_gs(uri: str) -> tuple[str, str]:
     if not bucket:
         raise StorageError(f"no bucket in {uri}: expected gs://BUCKET/KEY")
     return bucket, key
-
-
-# === Hashing and atomic files ===
-
-
-class _HashingWriter:
-    """A write-only file object that forwards to `out`, counting and hashing the bytes."""
-
-    def __init__(self, out: BinaryIO, total: int | None, progress: Progress | None) -> None:
-        self.out, self.total, self.progress, self.bytes = out, total, progress, 0
-        self.hashes = {
-            "sha256": hashlib.sha256(),
-            "md5": hashlib.md5(usedforsecurity=False),
-            "crc32c": google_crc32c.Checksum(),
-        }
-
-    def write(self, data: bytes) -> int:
-        self.out.write(data)
-        for digest in self.hashes.values():
-            digest.update(data)
-        self.bytes += len(data)
-        if self.progress is not None:
-            self.progress(self.bytes, self.total)
-        return len(data)
-
-    @property
-    def sha256(self) -> str:
-        return self.hashes["sha256"].hexdigest()
-
-    def b64digest(self, name: str) -> str:
-        """The digest `name` ("crc32c" or "md5") in base64, as GCS reports it."""
-        return base64.b64encode(self.hashes[name].digest()).decode("ascii")
-
-
-@contextlib.contextmanager
-def _atomic_file(dest: Path) -> Iterator[BinaryIO]:
-    """A new file beside `dest` that replaces it only if the block completes; on any error it
-    is deleted, leaving `dest` (present or not) as it was."""
-    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        out = open(tmp, "xb")
-    except OSError as err:
-        raise StorageError(f"cannot write {dest}: {err.strerror}") from err
-    try:
-        with out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # === Sources: open one, learn what its server states about it, stream it ===
@@ -284,46 +231,6 @@ def _with_retries(action: Callable[[], T], retries: int, backoff_seconds: float)
             attempt += 1
             log.warning("%s; retry %d of %d in %.2f s", err, attempt, retries, delay)
             time.sleep(delay)
-
-
-# === Cache ===
-
-
-def default_cache_dir() -> Path:
-    """`$MRCNN_CACHE_DIR` if set, else `~/.cache/mrcnn`."""
-    return Path(os.environ.get("MRCNN_CACHE_DIR") or Path.home() / ".cache" / "mrcnn")
-
-
-def _cache_entry(cache_dir: Path, source: str, version: str) -> Path:
-    """The cache folder for one version of `source`; it holds one file named by its sha256."""
-    return cache_dir / hashlib.sha256(f"{source}\n{version}".encode()).hexdigest()
-
-
-def _install_cached(entry: Path, dest: Path, progress: Progress | None) -> tuple[int, str] | None:
-    """Copy the file in `entry` to `dest` if its content still matches its name (its sha256);
-    returns (bytes, sha256), or None when there is no intact entry."""
-    stored = next(entry.glob("[0-9a-f]" * 64), None) if entry.is_dir() else None
-    if stored is None:
-        return None
-    try:
-        with stored.open("rb") as cached, _atomic_file(dest) as out:
-            writer = _HashingWriter(out, stored.stat().st_size, progress)
-            shutil.copyfileobj(cached, writer, CHUNK_BYTES)
-            if writer.sha256 != stored.name:
-                raise ValueError("its content changed since it was stored")
-    except (OSError, ValueError) as err:
-        log.warning("ignoring cache entry %s: %s", stored, err)
-        return None
-    return writer.bytes, writer.sha256
-
-
-def _store_cached(entry: Path, path: Path, sha256: str) -> None:
-    """Keep a copy of `path` in `entry`; a cache that cannot be written only warns."""
-    try:
-        with path.open("rb") as src, _atomic_file(entry / sha256) as out:
-            shutil.copyfileobj(src, out, CHUNK_BYTES)
-    except (OSError, StorageError) as err:
-        log.warning("could not cache %s in %s: %s", path, entry, err)
 
 
 # === Public API ===
