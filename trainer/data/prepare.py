@@ -15,15 +15,12 @@ and renamed into place only when complete.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 import hashlib
 import io
-import itertools
 import json
 import math
-import multiprocessing
 import os
 import secrets
 import shutil
@@ -31,8 +28,8 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,35 +37,26 @@ import numpy as np
 from PIL import Image
 
 from trainer.data import coco, shapes
+from trainer.data.workers import (  # the bounds are re-exported for tests and callers
+    IN_FLIGHT_PER_WORKER,  # noqa: F401
+    TASKS_PER_CHUNK,  # noqa: F401
+    _ordered_results,
+    available_cpus,
+)
 from trainer.errors import UserError
 
 SOURCES = ("shapes", "coco")
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
-TASKS_PER_CHUNK = 8  # images per round trip to a worker
 # zlib level for the PNGs we encode (generated images, masks): measured on 384 px shapes,
 # level 3 encodes 40% faster than PIL's default 6 for files still a few KB. Lossless either way.
 PNG_COMPRESS_LEVEL = 3
-IN_FLIGHT_PER_WORKER = 3  # chunks queued per worker: hides latency, bounds memory
 
 
 def split_of(source_id: str, seed: int, val_fraction: float) -> str:
     """"val" or "train" from a hash of the image id: stable when other images come or go."""
     digest = hashlib.sha256(f"{seed}/{source_id}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (a
-    container's limit, which os.cpu_count() does not see)."""
-    count = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            count = min(count, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return count
 
 
 def shard_names(split: str, count: int) -> list[str]:
@@ -176,40 +164,6 @@ def _encode_task(job: _Job, task) -> dict:
         }
         result["coco_annotations"] = coco.coco_annotations(image)
     return result
-
-
-def _run_chunk(fn: Callable, chunk: list) -> list:
-    return [fn(task) for task in chunk]
-
-
-def _ordered_results(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
-    """fn(task) for every task, in task order. Tasks travel in chunks of TASKS_PER_CHUNK (one
-    image is often cheaper than a round trip to a worker), with at most
-    workers * IN_FLIGHT_PER_WORKER chunks submitted and not yet consumed. Workers are spawned,
-    not forked: the parent holds TensorFlow and storage clients, which do not survive a fork
-    safely."""
-    if workers <= 1:
-        yield from map(fn, tasks)
-        return
-    context = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
-    task_iter = iter(tasks)
-    try:
-        pending: deque[concurrent.futures.Future] = deque()
-        while chunk := list(itertools.islice(task_iter, TASKS_PER_CHUNK)):
-            pending.append(pool.submit(_run_chunk, fn, chunk))
-            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
-    except concurrent.futures.process.BrokenProcessPool as err:
-        raise UserError(
-            "a worker process died (killed, out of memory, or unable to re-import the main "
-            "script, as with `python -`): use fewer --workers, or --workers 1 to encode in "
-            "this process"
-        ) from err
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # === Parent side: write shards, COCO json and dataset.json ===
