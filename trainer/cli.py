@@ -7,38 +7,18 @@ prints progress for long work, and writes JSON where asked with `--json`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
 
+from trainer.cli_options import _config_arguments, _load_config, _print_json
+from trainer.cli_pipeline import _add_pipeline
+from trainer.cli_weights import _add_weights
 from trainer.errors import UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _print_json(obj: object) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
-
-
-def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """--config PRESET and repeatable --set KEY=VALUE, the same on every command."""
-    parser.add_argument("--config", required=required,
-                        help="YAML preset, e.g. configs/demo.yaml"
-                        + ("" if required else " (default: matterport's defaults)"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config key (repeatable)")
-
-
-def _load_config(args: argparse.Namespace):
-    from trainer.config import Config
-
-    if args.config:
-        return Config.from_yaml(args.config, args.overrides)
-    return Config().with_overrides(args.overrides)
 
 
 # === Commands ===
@@ -105,103 +85,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 _COMMANDS.append(_add_data)
 
 
-def _add_weights(commands: argparse._SubParsersAction) -> None:
-    weights = commands.add_parser("weights", help="fetch and inspect pretrained weights")
-    actions = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
-    fetch = actions.add_parser(
-        "fetch",
-        help="download weights and check them against the configured model",
-        description="Downloads SOURCE (gs://BUCKET/KEY, https://URL, a path, or 'none' for "
-        "random initialisation), checks its layers against the model --config builds, and "
-        "moves it to --out only if it fits; report.json is written beside --out.",
-    )
-    fetch.add_argument("source", metavar="SOURCE")
-    fetch.add_argument("--out", required=True, help="weights file to write (local)")
-    fetch.add_argument("--sha256", metavar="HEX", help="expected sha256 of the file")
-    fetch.add_argument("--cache-dir", help="download cache (default $MRCNN_CACHE_DIR or "
-                       "~/.cache/mrcnn)")
-    inspect = actions.add_parser(
-        "inspect",
-        help="compare a local weights file with the configured model",
-        description="Prints how the file's layers map onto the model; exits 2 when layers "
-        "outside --exclude do not fit.",
-    )
-    inspect.add_argument("path", metavar="PATH")
-    for action, config_required in ((fetch, False), (inspect, True)):
-        _config_arguments(action, required=config_required)
-        action.add_argument("--exclude", nargs="+", action="extend", default=[],
-                            metavar="LAYER", help="layers not to load, e.g. mrcnn_class_logits "
-                            "mrcnn_bbox_fc mrcnn_bbox mrcnn_mask for another NUM_CLASSES")
-        action.add_argument("--min-matched-fraction", type=float, default=0.5,
-                            help="least share of the model's layers the file must fill (0.5)")
-        action.add_argument("--json", action="store_true", help="print the report as JSON")
-    fetch.set_defaults(handler=_weights_fetch)
-    inspect.set_defaults(handler=_weights_inspect)
-
-
-def _weights_progress(source: str) -> Callable[[int, int | None], None]:
-    """Prints download progress on stderr at most once a second, and when complete."""
-    import time
-
-    next_print = [0.0]
-
-    def show(done: int, total: int | None) -> None:
-        complete = total is not None and done >= total
-        if time.monotonic() < next_print[0] and not complete:
-            return
-        next_print[0] = time.monotonic() + 1.0
-        share = f" of {total / 1e6:.1f} MB ({100 * done // max(total, 1)}%)" if total else " MB"
-        tail = ", checking its layers against the model" if complete else ""
-        print(f"downloading {source}: {done / 1e6:.1f}{share}{tail}", file=sys.stderr,
-              flush=True)
-
-    return show
-
-
-def _weights_fetch(args: argparse.Namespace) -> int:
-    from trainer.fetch import fetch_weights
-
-    report = fetch_weights(
-        args.source, args.out, sha256=args.sha256, config=_load_config(args),
-        exclude=args.exclude, min_matched_fraction=args.min_matched_fraction,
-        cache_dir=args.cache_dir, progress=_weights_progress(args.source))
-    if args.json:
-        _print_json(report)
-    elif report["initialisation"] == "random":
-        print("no weights: training starts from random initialisation")
-    else:
-        counts = report["counts"]
-        print(f"fetched {report['source']} -> {report['out']} ({report['bytes'] / 1e6:.1f} MB, "
-              f"sha256 {report['sha256']}): {counts['matched']} of {counts['model_layers']} "
-              f"layers match, {counts['excluded']} excluded, {counts['missing']} missing")
-    for warning in report.get("warnings", []):
-        print(f"warning: {warning}", file=sys.stderr)
-    return 0
-
-
-def _weights_inspect(args: argparse.Namespace) -> int:
-    from trainer.fetch import check_fit, inspect_file, parse_exclude
-    from trainer.weights import format_report
-
-    exclude = parse_exclude(args.exclude)
-    inspection = inspect_file(args.path, _load_config(args), exclude)
-    try:
-        check_fit(inspection, exclude=exclude, min_matched_fraction=args.min_matched_fraction)
-        error = None
-    except UserError as err:
-        error = err
-    if args.json:
-        _print_json({"path": args.path, **inspection.summary(), "ok": error is None,
-                     "error": None if error is None else str(error)})
-    else:
-        print(format_report(inspection.report))
-    sys.stdout.flush()
-    if error is not None:
-        raise error  # after the report: exit 2 with the one-line reason
-    return 0
-
-
-_COMMANDS.append(_add_weights)
+_COMMANDS.append(_add_weights)  # defined in trainer.cli_weights
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
@@ -300,75 +184,7 @@ def _train(args: argparse.Namespace) -> int:
 _COMMANDS.append(_add_train)
 
 
-def _add_pipeline(commands: argparse._SubParsersAction) -> None:
-    pipeline = commands.add_parser("pipeline", help="compile, submit or schedule the "
-                                   "Kubeflow pipeline")
-    actions = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
-    compile_ = actions.add_parser("compile", help="rewrite pipeline/mask_rcnn_pipeline.yaml",
-                                  description="Compiles pipeline/pipeline.py into the "
-                                  "committed package (or --out).")
-    compile_.add_argument("--out", help="write here instead of the committed package")
-    compile_.set_defaults(handler=_pipeline_compile)
-    submit = actions.add_parser(
-        "submit", help="start a run on a Kubeflow Pipelines API",
-        description="Parameters: --param, then the ConfigMap's environment (CONFIG_PRESET, "
-        "WEIGHTS_SOURCE, DATASET_SOURCE, HEADS_EPOCHS, TOTAL_EPOCHS, ...), then the package's "
-        "defaults. PIPELINE_ROOT and PIPELINE_SERVICE_ACCOUNT apply when set.")
-    schedule = actions.add_parser(
-        "schedule", help="create a KFP recurring run (scheduled retraining)",
-        description="A recurring run of the package on a cron schedule (UTC), one run at a "
-        "time, no catch-up. Use it or the k8s CronJob, not both.")
-    schedule.add_argument("--cron", required=True, help="'minute hour day month weekday', "
-                          "e.g. '0 3 * * 0' (Sundays 03:00)")
-    schedule.add_argument("--name", default="mask-rcnn-retrain", help="recurring run name")
-    submit.add_argument("--run-name", help="the run's name in the KFP UI")
-    for action in (submit, schedule):
-        action.add_argument("--host", required=True, help="KFP API, e.g. http://localhost:8888")
-        action.add_argument("--package", help="compiled pipeline (default: the committed one)")
-        action.add_argument("--param", dest="params", action="append", default=[],
-                            metavar="NAME=VALUE", help="a pipeline parameter (repeatable)")
-        action.add_argument("--experiment", default="mask-rcnn", help="KFP experiment")
-        action.add_argument("--namespace", help="KFP namespace (multi-user Kubeflow)")
-        action.add_argument("--json", action="store_true", help="print the result as JSON")
-    submit.set_defaults(handler=_pipeline_submit)
-    schedule.set_defaults(handler=_pipeline_schedule)
-
-
-def _pipeline_compile(args: argparse.Namespace) -> int:
-    from pipeline.submit import PACKAGE, compile_pipeline
-
-    print(f"compiled {compile_pipeline(args.out or PACKAGE)}")
-    return 0
-
-
-def _pipeline_submit(args: argparse.Namespace) -> int:
-    from pipeline.submit import PACKAGE, submit
-
-    result = submit(args.host, package=args.package or PACKAGE, params=args.params,
-                    run_name=args.run_name, experiment=args.experiment,
-                    namespace=args.namespace)
-    if args.json:
-        _print_json(result)
-    else:
-        print(f"started run {result['run_id']} on {args.host} with {result['arguments']}")
-    return 0
-
-
-def _pipeline_schedule(args: argparse.Namespace) -> int:
-    from pipeline.submit import PACKAGE, schedule
-
-    result = schedule(args.host, args.cron, name=args.name, package=args.package or PACKAGE,
-                      params=args.params, experiment=args.experiment,
-                      namespace=args.namespace)
-    if args.json:
-        _print_json(result)
-    else:
-        print(f"scheduled {args.name} ({result['recurring_run_id']}) at '{result['cron']}' "
-              f"on {args.host}")
-    return 0
-
-
-_COMMANDS.append(_add_pipeline)
+_COMMANDS.append(_add_pipeline)  # defined in trainer.cli_pipeline
 
 
 def _add_run(commands: argparse._SubParsersAction) -> None:
