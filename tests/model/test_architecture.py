@@ -90,3 +90,27 @@ def test_layers_without_xla_kernels_opt_out_of_jit():
     inference = build_inference_model(config)
     assert inference.get_layer("mrcnn_detection").supports_jit is False
     assert inference.get_layer("roi_align_mask").supports_jit  # gathers only: XLA-friendly
+
+
+def test_custom_layers_round_trip_their_config():
+    from trainer.model.anchors import AnchorsLayer
+    from trainer.model.batch_norm import BatchNorm
+    from trainer.model.detection import DetectionLayer
+    from trainer.model.proposals import ProposalLayer
+    from trainer.model.roi_align import PyramidROIAlign
+    from trainer.model.targets import DetectionTargetLayer
+
+    layers = [
+        AnchorsLayer((8, 16, 32, 64, 128), (0.5, 1, 2), (4, 8, 16, 32, 64), 2, name="a"),
+        BatchNorm(train_bn=True, name="b"),
+        DetectionLayer(16, 0.6, 0.3, (0.1, 0.1, 0.2, 0.2), name="d"),
+        ProposalLayer(100, 0.7, 500, (0.1, 0.1, 0.2, 0.2), name="p"),
+        PyramidROIAlign((7, 7), name="r"),
+        DetectionTargetLayer(32, 0.33, (0.1, 0.1, 0.2, 0.2), (28, 28), True, name="t"),
+    ]
+    for layer in layers:
+        config = layer.get_config()
+        rebuilt = type(layer).from_config(config)
+        assert rebuilt.get_config() == config, type(layer).__name__
+    assert layers[1].get_config()["train_bn"] is True
+    assert layers[3].get_config()["pre_nms_limit"] == 500
