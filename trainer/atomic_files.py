@@ -21,7 +21,7 @@ Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes if kn
 CHUNK_BYTES = 1 << 20
 
 
-class _HashingWriter:
+class HashingWriter:
     """A write-only file object that forwards to `out`, counting and hashing the bytes."""
 
     def __init__(self, out: BinaryIO, total: int | None, progress: Progress | None) -> None:
@@ -51,7 +51,7 @@ class _HashingWriter:
 
 
 @contextlib.contextmanager
-def _atomic_file(dest: Path) -> Iterator[BinaryIO]:
+def atomic_file(dest: Path) -> Iterator[BinaryIO]:
     """A new file beside `dest` that replaces it only if the block completes; on any error it
     is deleted, leaving `dest` (present or not) as it was."""
     tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"

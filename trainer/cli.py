@@ -11,9 +11,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from trainer.cli_options import _config_arguments, _load_config, _print_json
-from trainer.cli_pipeline import _add_pipeline
-from trainer.cli_weights import _add_weights
+from trainer.cli_options import config_arguments, load_config, print_json
+from trainer.cli_pipeline import add_pipeline
+from trainer.cli_weights import add_weights
 from trainer.errors import UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
@@ -72,7 +72,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
         shards=args.shards, workers=args.workers, categories=args.categories, seed=args.seed,
     )
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         splits = ", ".join(f"{name} {s['images']}" for name, s in summary["splits"].items())
         skipped = sum(summary["skipped_counts"].values())
@@ -85,7 +85,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 _COMMANDS.append(_add_data)
 
 
-_COMMANDS.append(_add_weights)  # defined in trainer.cli_weights
+_COMMANDS.append(add_weights)  # defined in trainer.cli_weights
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
@@ -96,7 +96,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         "metrics.json, report.md and pictures/*.png into --out. Exits 0 when the gate fails "
         "(the result says so) unless --fail-on-gate.",
     )
-    _config_arguments(evaluate)
+    config_arguments(evaluate)
     evaluate.add_argument("--weights", required=True,
                           help="a .h5 file, or 'last': the newest checkpoint in --model-dir")
     evaluate.add_argument("--model-dir", default="runs", help="where 'last' looks (runs)")
@@ -116,13 +116,13 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate_run import evaluate
 
-    config = _load_config(args)
+    config = load_config(args)
     result = evaluate(config, args.weights, args.data, args.out, limit=args.limit,
                       min_map=args.min_map, gate_key=args.gate_key,
                       num_pictures=args.pictures, model_dir=args.model_dir)
     verdict = result["gate"]
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         shown = ", ".join(
             f"{key} {'n/a' if result[key] is None else format(result[key], '.4f')}"
@@ -146,7 +146,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         description="matterport's train(): --epochs is the epoch to stop at; --init last "
         "resumes the newest checkpoint exactly (weights, optimizer state, epoch).",
     )
-    _config_arguments(train)
+    config_arguments(train)
     train.add_argument("--data", required=True, help="prepared dataset folder")
     train.add_argument("--val-data", help="dataset whose val split gives validation losses "
                        "(default: --data)")
@@ -167,7 +167,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from trainer.training import train_stage
 
-    config = _load_config(args)
+    config = load_config(args)
     summary = train_stage(
         config, args.data, val_data=args.val_data or args.data, init=args.init,
         exclude=args.exclude, layers=args.layers, epochs=args.epochs,
@@ -175,7 +175,7 @@ def _train(args: argparse.Namespace) -> int:
         augmentation=args.augmentation, no_augmentation_sources=args.no_augmentation_sources,
         verbose=2 if args.json else 1)
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         print(f"trained {args.layers} to epoch {summary['epoch']}: {summary['checkpoint']}")
     return 0
@@ -184,7 +184,7 @@ def _train(args: argparse.Namespace) -> int:
 _COMMANDS.append(_add_train)
 
 
-_COMMANDS.append(_add_pipeline)  # defined in trainer.cli_pipeline
+_COMMANDS.append(add_pipeline)  # defined in trainer.cli_pipeline
 
 
 def _add_run(commands: argparse._SubParsersAction) -> None:
@@ -210,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = run_local(args.config, args.overrides, args.workdir, parse_params(args.params))
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         print("\n" + format_summary(summary))
     return 0

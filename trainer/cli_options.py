@@ -8,12 +8,12 @@ import json
 import sys
 
 
-def _print_json(obj: object) -> None:
+def print_json(obj: object) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
 
 
-def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--config PRESET and repeatable --set KEY=VALUE, the same on every command."""
     parser.add_argument("--config", required=required,
                         help="YAML preset, e.g. configs/demo.yaml"
@@ -22,7 +22,7 @@ def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) ->
                         metavar="KEY=VALUE", help="override a config key (repeatable)")
 
 
-def _load_config(args: argparse.Namespace):
+def load_config(args: argparse.Namespace):
     from trainer.config import Config
 
     if args.config:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from trainer.cli_options import _print_json
+from trainer.cli_options import print_json
 
 
-def _add_pipeline(commands: argparse._SubParsersAction) -> None:
+def add_pipeline(commands: argparse._SubParsersAction) -> None:
     pipeline = commands.add_parser("pipeline", help="compile, submit or schedule the "
                                    "Kubeflow pipeline")
     actions = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
@@ -56,7 +56,7 @@ def _pipeline_submit(args: argparse.Namespace) -> int:
                     run_name=args.run_name, experiment=args.experiment,
                     namespace=args.namespace)
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         print(f"started run {result['run_id']} on {args.host} with {result['arguments']}")
     return 0
@@ -69,7 +69,7 @@ def _pipeline_schedule(args: argparse.Namespace) -> int:
                       params=args.params, experiment=args.experiment,
                       namespace=args.namespace)
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         print(f"scheduled {args.name} ({result['recurring_run_id']}) at '{result['cron']}' "
               f"on {args.host}")

@@ -7,11 +7,11 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from trainer.cli_options import _config_arguments, _load_config, _print_json
+from trainer.cli_options import config_arguments, load_config, print_json
 from trainer.errors import UserError
 
 
-def _add_weights(commands: argparse._SubParsersAction) -> None:
+def add_weights(commands: argparse._SubParsersAction) -> None:
     weights = commands.add_parser("weights", help="fetch and inspect pretrained weights")
     actions = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     fetch = actions.add_parser(
@@ -34,7 +34,7 @@ def _add_weights(commands: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("path", metavar="PATH")
     for action, config_required in ((fetch, False), (inspect, True)):
-        _config_arguments(action, required=config_required)
+        config_arguments(action, required=config_required)
         action.add_argument("--exclude", nargs="+", action="extend", default=[],
                             metavar="LAYER", help="layers not to load, e.g. mrcnn_class_logits "
                             "mrcnn_bbox_fc mrcnn_bbox mrcnn_mask for another NUM_CLASSES")
@@ -68,11 +68,11 @@ def _weights_fetch(args: argparse.Namespace) -> int:
     from trainer.fetch import fetch_weights
 
     report = fetch_weights(
-        args.source, args.out, sha256=args.sha256, config=_load_config(args),
+        args.source, args.out, sha256=args.sha256, config=load_config(args),
         exclude=args.exclude, min_matched_fraction=args.min_matched_fraction,
         cache_dir=args.cache_dir, progress=_weights_progress(args.source))
     if args.json:
-        _print_json(report)
+        print_json(report)
     elif report["initialisation"] == "random":
         print("no weights: training starts from random initialisation")
     else:
@@ -90,14 +90,14 @@ def _weights_inspect(args: argparse.Namespace) -> int:
     from trainer.weights import format_report
 
     exclude = parse_exclude(args.exclude)
-    inspection = inspect_file(args.path, _load_config(args), exclude)
+    inspection = inspect_file(args.path, load_config(args), exclude)
     try:
         check_fit(inspection, exclude=exclude, min_matched_fraction=args.min_matched_fraction)
         error = None
     except UserError as err:
         error = err
     if args.json:
-        _print_json({"path": args.path, **inspection.summary(), "ok": error is None,
+        print_json({"path": args.path, **inspection.summary(), "ok": error is None,
                      "error": None if error is None else str(error)})
     else:
         print(format_report(inspection.report))

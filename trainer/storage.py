@@ -22,12 +22,12 @@ from urllib.request import url2pathname
 
 import requests
 
-from trainer.atomic_files import CHUNK_BYTES, Progress, _atomic_file, _HashingWriter
+from trainer.atomic_files import CHUNK_BYTES, HashingWriter, Progress, atomic_file
 from trainer.download_cache import (
-    _cache_entry,
-    _install_cached,
-    _store_cached,
+    cache_entry,
     default_cache_dir,
+    install_cached,
+    store_cached,
 )
 from trainer.errors import StorageError
 
@@ -91,7 +91,7 @@ class _Body:
 
     size: int | None
     version: str | None
-    copy_to: Callable[[_HashingWriter], None]
+    copy_to: Callable[[HashingWriter], None]
     checksums: dict[str, str] = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
 
@@ -111,7 +111,7 @@ def _open_http(url: str) -> _Body:
     size = int(length) if length.isdigit() and not encoded else None
     validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
 
-    def copy_to(out: _HashingWriter) -> None:
+    def copy_to(out: HashingWriter) -> None:
         try:
             for chunk in response.iter_content(CHUNK_BYTES):
                 out.write(chunk)
@@ -173,7 +173,7 @@ def _open_gcs(uri: str) -> _Body:
     if blob is None:
         raise StorageError(f"not found: {uri}")
 
-    def copy_to(out: _HashingWriter) -> None:
+    def copy_to(out: HashingWriter) -> None:
         # `blob` carries its generation, so this reads the very version measured above; the
         # raw bytes (no gzip transcoding) are what the crc32c and md5 describe.
         kwargs = {"raw_download": True, "checksum": None, "retry": None}
@@ -193,7 +193,7 @@ def _open_local(uri: str) -> _Body:
     if not path.is_file():
         raise StorageError(f"not found: {uri}" + (" (a directory)" if path.is_dir() else ""))
 
-    def copy_to(out: _HashingWriter) -> None:
+    def copy_to(out: HashingWriter) -> None:
         with path.open("rb") as source:
             shutil.copyfileobj(source, out, CHUNK_BYTES)
 
@@ -206,7 +206,7 @@ def _open(uri: str) -> _Body:
     return _open_http(uri) if is_remote(uri) else _open_local(uri)
 
 
-def _verify(source: str, out: _HashingWriter, body: _Body, sha256: str | None) -> None:
+def _verify(source: str, out: HashingWriter, body: _Body, sha256: str | None) -> None:
     if body.size is not None and out.bytes < body.size:
         raise _Transient(f"truncated body from {source}: got {out.bytes} of {body.size} bytes")
     if body.size is not None and out.bytes > body.size:
@@ -261,7 +261,7 @@ def download(
     def from_cache(version: str | None) -> DownloadResult | None:
         if cache is None or version is None:
             return None
-        hit = _install_cached(_cache_entry(cache, source, version), dest, progress)
+        hit = install_cached(cache_entry(cache, source, version), dest, progress)
         return DownloadResult(source, dest, hit[0], hit[1], True) if hit else None
 
     pinned = f"sha256={expected}" if expected else None
@@ -274,14 +274,14 @@ def download(
             version = pinned or body.version
             if not pinned and (result := from_cache(version)):
                 return result
-            with _atomic_file(dest) as out:
-                writer = _HashingWriter(out, body.size, progress)
+            with atomic_file(dest) as out:
+                writer = HashingWriter(out, body.size, progress)
                 body.copy_to(writer)
                 _verify(source, writer, body, expected)
         finally:
             body.close()
         if cache is not None and version is not None:
-            _store_cached(_cache_entry(cache, source, version), dest, writer.sha256)
+            store_cached(cache_entry(cache, source, version), dest, writer.sha256)
         return DownloadResult(source, dest, writer.bytes, writer.sha256, False)
 
     return _with_retries(attempt, retries, backoff_seconds)
@@ -305,7 +305,7 @@ def upload(path: str | Path, dest_uri: str, *, retries: int = 4) -> str:
         return dest_uri
     if is_remote(dest_uri):
         raise StorageError(f"cannot upload to {dest_uri}: only gs:// and local destinations")
-    with src.open("rb") as source, _atomic_file(_local_path(dest_uri)) as out:
+    with src.open("rb") as source, atomic_file(_local_path(dest_uri)) as out:
         shutil.copyfileobj(source, out, CHUNK_BYTES)
     return dest_uri
 

@@ -21,7 +21,7 @@ from trainer.data import coco, shapes, tfrecord
 from trainer.data.prepare import (
     IN_FLIGHT_PER_WORKER,
     TASKS_PER_CHUNK,
-    _ordered_results,
+    ordered_results,
     prepare_dataset,
     split_of,
 )
@@ -277,7 +277,7 @@ def test_tasks_are_pulled_lazily_into_a_bounded_pool() -> None:
             yield -i
 
     bound = 2 * IN_FLIGHT_PER_WORKER * TASKS_PER_CHUNK
-    for consumed, value in enumerate(_ordered_results(abs, tasks(), workers=2), 1):
+    for consumed, value in enumerate(ordered_results(abs, tasks(), workers=2), 1):
         assert value == consumed - 1
         assert len(pulled) - consumed <= bound
     assert consumed == 300

@@ -40,8 +40,8 @@ from trainer.data import coco, shapes
 from trainer.data.workers import (  # the bounds are re-exported for tests and callers
     IN_FLIGHT_PER_WORKER,  # noqa: F401
     TASKS_PER_CHUNK,  # noqa: F401
-    _ordered_results,
     available_cpus,
+    ordered_results,
 )
 from trainer.errors import UserError
 
@@ -332,7 +332,7 @@ def _write_dataset(tmp: Path, job: _Job, tasks: Iterator, total: int | None, des
     bar = _Progress(total, settings["progress"])
     done = skipped_images = 0
     encode = functools.partial(_encode_task, job)
-    for result in _ordered_results(encode, tasks, settings["workers"]):
+    for result in ordered_results(encode, tasks, settings["workers"]):
         issues.extend(result["issues"])
         done += 1
         if result["fields"] is None:

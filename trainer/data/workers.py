@@ -31,11 +31,11 @@ def available_cpus() -> int:
     return count
 
 
-def _run_chunk(fn: Callable, chunk: list) -> list:
+def run_chunk(fn: Callable, chunk: list) -> list:
     return [fn(task) for task in chunk]
 
 
-def _ordered_results(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
+def ordered_results(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
     """fn(task) for every task, in task order. Tasks travel in chunks of TASKS_PER_CHUNK (one
     image is often cheaper than a round trip to a worker), with at most
     workers * IN_FLIGHT_PER_WORKER chunks submitted and not yet consumed. Workers are spawned,
@@ -50,7 +50,7 @@ def _ordered_results(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
     try:
         pending: deque[concurrent.futures.Future] = deque()
         while chunk := list(itertools.islice(task_iter, TASKS_PER_CHUNK)):
-            pending.append(pool.submit(_run_chunk, fn, chunk))
+            pending.append(pool.submit(run_chunk, fn, chunk))
             if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
                 yield from pending.popleft().result()
         while pending:
