@@ -48,3 +48,17 @@ def test_run_folders_follow_matterport(tmp_path, pad64_model):
     assert (model.epoch, model.log_dir, model.resume_from) == (7, checkpoint.parent, checkpoint)
     model.set_log_dir(tmp_path / "mask_rcnn_coco.h5")  # released weights start a new run
     assert model.epoch == 0 and model.resume_from is None
+
+
+def test_detect_runs_every_batch_at_the_configured_size(pad64_model, monkeypatch):
+    sizes = []
+    predict = pad64_model.keras_model.predict_on_batch
+
+    def recording(inputs):
+        sizes.append(len(inputs["input_image"]))
+        return predict(inputs)
+
+    monkeypatch.setattr(pad64_model.keras_model, "predict_on_batch", recording)
+    image = np.zeros((64, 64, 3), np.uint8)
+    assert len(pad64_model.detect([image] * 3)) == 3  # BATCH_SIZE 2: a full batch, then 1 + fill
+    assert sizes == [2, 2]

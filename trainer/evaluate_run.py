@@ -102,14 +102,6 @@ def _batches(items: Iterable[tuple[int, np.ndarray]], config: Config
     yield from pending.values()
 
 
-def _detect(model, images: list[np.ndarray]) -> list[dict]:
-    # A short last batch is padded with its last image: the graph keeps one traced batch size
-    # (a second one costs a retrace, seconds on CPU) and the extra results are dropped.
-    batch_size = model.config.BATCH_SIZE
-    padded = images + [images[-1]] * (batch_size - len(images))
-    return model.detect(padded)[:len(images)]
-
-
 class _Progress:
     """'evaluate: 40/500 images, 3.1 images/s' on stderr, every PROGRESS_SECONDS and at the end."""
 
@@ -201,7 +193,7 @@ def evaluate(config: Config, weights: str | Path, data_dir: str | Path, out_dir:
     pictures: list[str] = []
     meter = _Progress(total, progress)
     for batch in _batches(decoded(), config):
-        results = _detect(model, [image for _, image in batch])
+        results = model.detect([image for _, image in batch])
         for (image_id, image), result in zip(batch, results, strict=True):
             if len(pictures) < num_pictures:
                 pictures.append(_save_picture(pictures_dir, image_id, image, result, gt,

@@ -123,9 +123,12 @@ class MaskRCNN:
         for indices in by_shape.values():
             for start in range(0, len(indices), batch):
                 chunk = indices[start:start + batch]
-                metas = np.concatenate([molded[i][1] for i in chunk])
+                # A short chunk is filled up with its last image (results dropped): one batch
+                # size means one traced graph, where a second costs seconds of retracing.
+                filled = chunk + chunk[-1:] * (batch - len(chunk))
+                metas = np.concatenate([molded[i][1] for i in filled])
                 detections, _, _, masks, *_ = self.keras_model.predict_on_batch({
-                    "input_image": np.concatenate([molded[i][0] for i in chunk]),
+                    "input_image": np.concatenate([molded[i][0] for i in filled]),
                     "input_image_meta": metas})
                 fields = parse_image_meta(metas)
                 for row, index in enumerate(chunk):
