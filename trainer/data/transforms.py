@@ -30,7 +30,7 @@ def _scale_for(height: tf.Tensor, width: tf.Tensor, config: Config) -> tf.Tensor
     return scale
 
 
-def resize_geometry(height, width, config: Config, seed: tf.Tensor | None = None) -> dict:
+def resize_geometry(height, width, config: Config) -> dict:
     """Where an image of (height, width) lands in the model's input.
 
     Returns scale, resized (h, w), padding (top, bottom, left, right), crop offset (y, x) and
@@ -54,10 +54,8 @@ def resize_geometry(height, width, config: Config, seed: tf.Tensor | None = None
         padding = tf.stack([top, out_h - new_h - top, left, out_w - new_w - left])
     elif mode == "crop":
         side = config.IMAGE_MIN_DIM
-        random = tf.random.stateless_uniform([2], seed=seed) if seed is not None else \
-            tf.random.uniform([2])
-        crop = tf.cast(random * tf.cast(tf.stack([new_h - side + 1, new_w - side + 1]),
-                                        tf.float32), tf.int32)
+        room = tf.cast(tf.stack([new_h - side + 1, new_w - side + 1]), tf.float32)
+        crop = tf.cast(tf.random.uniform([2]) * room, tf.int32)  # a random crop offset
         padding = tf.stack([zero, zero, zero, zero])
     else:  # none
         padding = tf.stack([zero, zero, zero, zero])

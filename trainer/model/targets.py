@@ -20,13 +20,12 @@ ROI_POSITIVE_IOU = 0.5
 CROWD_IOU = 0.001  # an anchor/ROI touching a crowd region more than this is never a negative
 
 
-def _random_subset(candidates: tf.Tensor, count: tf.Tensor, max_count: int,
-                   seed: int | None = None) -> tf.Tensor:
+def _random_subset(candidates: tf.Tensor, count: tf.Tensor, max_count: int) -> tf.Tensor:
     """A uniformly random subset of at most `count` of the True entries of `candidates` [N].
 
     `max_count` is a bound on `count`. Returns bool [N].
     """
-    scores = tf.where(candidates, tf.random.uniform(tf.shape(candidates), seed=seed), -1.0)
+    scores = tf.where(candidates, tf.random.uniform(tf.shape(candidates)), -1.0)
     max_count = tf.minimum(max_count, tf.size(candidates))
     top = tf.math.top_k(scores, k=max_count, sorted=True).values
     count = tf.clip_by_value(count, 0, max_count)
