@@ -81,5 +81,8 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 
 def test_presets_load():
-    for name in ("demo", "shapes", "coco"):
-        Config.from_yaml(f"configs/{name}.yaml")
+    presets = {name: Config.from_yaml(f"configs/{name}.yaml")
+               for name in ("demo", "shapes", "coco")}
+    assert {name: c.NUM_CLASSES for name, c in presets.items()} == {
+        "demo": 4, "shapes": 4, "coco": 81}
+    assert presets["demo"].TRAIN_BN  # the CPU demo trains from random initialisation
