@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# ruff (style, no private-name imports), import-linter (the architecture's contracts, in
+# pyproject.toml) and deptry (every imported package declared, every declared one used).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/deptry .
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

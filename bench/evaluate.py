@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.config import Config  # noqa: E402
-from trainer.evaluate_run import evaluate  # noqa: E402
+from trainer.evaluation.run import evaluate  # noqa: E402
 
 
 def main() -> None:
@@ -45,8 +45,8 @@ def main() -> None:
     import keras
 
     from trainer.data.prepare import prepare_dataset
-    from trainer.maskrcnn import MaskRCNN
-    from trainer.weights import save_weights
+    from trainer.engine.maskrcnn import MaskRCNN
+    from trainer.weights.by_name import save_weights
 
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         tmp = Path(tmp)

@@ -7,18 +7,20 @@ from trainer.version import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def evaluate(config: str, config_overrides: list, limit: int, min_map: float, gate_key: str,
+def evaluate(config_preset: str, config_yaml: str,
+             config_overrides: list, limit: int, min_map: float, gate_key: str,
              num_pictures: int, registered_model_name: str, dataset: Input[Dataset],
              model: Input[Model], mlflow_tracking_uri: str, mlflow_experiment: str,
              metrics: Output[Metrics],
              report: Output[Markdown], pictures: Output[HTML], evaluation: Output[Artifact]):
     """metrics: the five mAPs and gate_passed (the KFP UI shows them); report: report.md;
     pictures: the report with the prediction pictures; evaluation: the output folder."""
-    from trainer.stages import evaluate_stage
-    from trainer.tracking import TrackingSettings
+    from trainer.stages.evaluate import evaluate_stage
+    from trainer.stages.tracking import TrackingSettings
 
     result = evaluate_stage(
-        config=config, overrides=config_overrides, dataset_dir=dataset.path,
+        config_preset=config_preset, config_yaml=config_yaml, overrides=config_overrides,
+        dataset_dir=dataset.path,
         model_dir=model.path, limit=limit, min_map=min_map, gate_key=gate_key,
         num_pictures=num_pictures, registered_model_name=registered_model_name,
         out_dir=evaluation.path, markdown_path=report.path, html_path=pictures.path,

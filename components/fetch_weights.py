@@ -7,15 +7,17 @@ from trainer.version import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def fetch_weights(config: str, config_overrides: list, source: str, sha256: str, exclude: list,
+def fetch_weights(config_preset: str, config_yaml: str,
+                  config_overrides: list, source: str, sha256: str, exclude: list,
                   mlflow_tracking_uri: str, mlflow_experiment: str,
                   weights: Output[Model], metrics: Output[Metrics]):
     """weights: a folder with weights.h5 (absent for source "none") and report.json."""
-    from trainer.stages import fetch_stage
-    from trainer.tracking import TrackingSettings
+    from trainer.stages.fetch import fetch_stage
+    from trainer.stages.tracking import TrackingSettings
 
     report = fetch_stage(
-        config=config, overrides=config_overrides, source=source, sha256=sha256,
+        config_preset=config_preset, config_yaml=config_yaml, overrides=config_overrides,
+        source=source, sha256=sha256,
         exclude=exclude, out_dir=weights.path,
         tracking=TrackingSettings.from_env(mlflow_tracking_uri, mlflow_experiment))
     weights.metadata["initialisation"] = report["initialisation"]

@@ -13,26 +13,21 @@ exactly the file and overrides given.
 from __future__ import annotations
 
 import datetime
-import inspect
 import os
 import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import yaml
-
 from trainer.config import Config
 from trainer.errors import UserError
-from trainer.tracking import (
-    EVALUATION_METRICS,
+from trainer.stages.tracking import (
+    DEFAULT_EXPERIMENT,
     RUN_ID_ENV,
     RUN_NAME_ENV,
-    STAGE_TAG,
-    client_for,
-    find_parent_runs,
     local_tracking_uri,
-    stage_runs,
+    pipeline_failure,
+    pipeline_summary,
 )
 
 # What a laptop run uses unless --param says otherwise: random initialisation, generated
@@ -47,33 +42,6 @@ LOCAL_DEFAULTS = {
     "min_map": 0.0,
     "evaluation_limit": 8,
 }
-STAGES = ("fetch-weights", "prepare-data", "train-heads", "train-all", "evaluate")
-
-
-def pipeline_parameters() -> dict[str, inspect.Parameter]:
-    from pipeline.pipeline import mask_rcnn_pipeline
-
-    return dict(inspect.signature(mask_rcnn_pipeline.pipeline_func).parameters)
-
-
-def parse_params(assignments: Sequence[str]) -> dict:
-    """`["heads_epochs=2", "weights_exclude=[mrcnn_mask]"]` -> typed pipeline arguments (the
-    type of each parameter's default; VALUE is YAML for lists)."""
-    known = pipeline_parameters()
-    params: dict = {}
-    for text in assignments:
-        name, sep, value = text.partition("=")
-        if not sep or name not in known:
-            raise UserError(f"--param {text!r}: expected NAME=VALUE with NAME one of "
-                            f"{', '.join(known)}")
-        kind = type(known[name].default)
-        try:
-            params[name] = (yaml.safe_load(value) if kind is list else kind(value))
-        except (ValueError, yaml.YAMLError):
-            raise UserError(f"--param {name}: {value!r} is not a {kind.__name__}") from None
-        if kind is list and not isinstance(params[name], list):
-            raise UserError(f"--param {name}: {value!r} is not a list (write [a, b])")
-    return params
 
 
 def run_local(config_path: str | Path, overrides: Sequence[str], workdir: str | Path,
@@ -87,11 +55,11 @@ def run_local(config_path: str | Path, overrides: Sequence[str], workdir: str | 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(workdir)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_id = f"local-{stamp}-{secrets.token_hex(3)}"
-    arguments = {**LOCAL_DEFAULTS, "config": config.to_yaml(), "config_overrides": [],
+    arguments = {**LOCAL_DEFAULTS, "config_preset": str(config_path),
+                 "config_yaml": config.to_yaml(), "config_overrides": [],
                  "checkpoint_root": str(workdir / "checkpoints"), "mlflow_tracking_uri": uri,
                  **(params or {})}
-    experiment = str(arguments.get("mlflow_experiment") or
-                     pipeline_parameters()["mlflow_experiment"].default)
+    experiment = str(arguments.get("mlflow_experiment") or DEFAULT_EXPERIMENT)
     # The tasks inherit this process's environment: the run id keys their MLflow parent run.
     os.environ[RUN_ID_ENV] = run_id
     os.environ[RUN_NAME_ENV] = f"local {stamp}"
@@ -110,59 +78,9 @@ def run_local(config_path: str | Path, overrides: Sequence[str], workdir: str | 
         try:
             mask_rcnn_pipeline(**arguments)
         except RuntimeError as err:
-            raise UserError(failure_reason(uri, experiment, run_id, str(err))) from None
+            raise UserError(pipeline_failure(uri, experiment, run_id, str(err))) from None
     return {"pipeline_run_id": run_id, "tracking_uri": uri, "experiment": experiment,
-            "workdir": str(workdir), "stages": stage_summary(uri, experiment, run_id)}
-
-
-def failure_reason(uri: str, experiment: str, run_id: str, kfp_message: str) -> str:
-    """The failed stage and its reason from MLflow (the stage run's `error` tag), else KFP's."""
-    try:
-        client = client_for(uri)
-        exp = client.get_experiment_by_name(experiment)
-        for parent in find_parent_runs(client, exp.experiment_id, run_id)[:1]:
-            for run in stage_runs(client, parent.info.run_id, exp.experiment_id):
-                if run.info.status == "FAILED":
-                    return (f"stage {run.data.tags.get(STAGE_TAG)} failed: "
-                            f"{run.data.tags.get('error', 'see its log above')}")
-    except Exception:  # noqa: BLE001 - tracking down too: KFP's own message still says which
-        pass
-    return kfp_message.splitlines()[0]
-
-
-def stage_summary(uri: str, experiment: str, run_id: str) -> list[dict]:
-    """Per stage: wall time and key metrics, read back from the MLflow stage runs."""
-    try:
-        client = client_for(uri)
-        exp = client.get_experiment_by_name(experiment)
-        [parent] = find_parent_runs(client, exp.experiment_id, run_id)[:1]
-        runs = stage_runs(client, parent.info.run_id, exp.experiment_id)
-    except Exception:  # noqa: BLE001 - a summary without MLflow is a warning, not a failure
-        return []
-    rows = []
-    for run in runs:
-        metrics = run.data.metrics
-        shown: dict[str, str] = {}
-        if "loss" in metrics:
-            history = client.get_metric_history(run.info.run_id, "loss")
-            first, last = history[0].value, history[-1].value
-            shown["loss"] = f"{first:.3f} -> {last:.3f}" if len(history) > 1 else f"{last:.3f}"
-            if "val_loss" in metrics:
-                shown["val_loss"] = f"{metrics['val_loss']:.3f}"
-        if "weights_source" in run.data.params:
-            shown["weights"] = run.data.params["weights_source"]
-        for key in ("train_images", "val_images", "layers_matched",
-                    *EVALUATION_METRICS[::2], "gate_passed"):
-            if key in metrics:
-                shown[key] = f"{metrics[key]:g}" if key.endswith("images") else \
-                    f"{metrics[key]:.4f}"
-        end = run.info.end_time or run.info.start_time
-        rows.append({"stage": run.data.tags.get(STAGE_TAG, run.info.run_name),
-                     "seconds": round((end - run.info.start_time) / 1000, 1),
-                     "status": run.info.status, "metrics": shown,
-                     "run_id": run.info.run_id, "parent_run_id": parent.info.run_id})
-    order = {stage: i for i, stage in enumerate(STAGES)}
-    return sorted(rows, key=lambda row: order.get(row["stage"], len(order)))
+            "workdir": str(workdir), "stages": pipeline_summary(uri, experiment, run_id)}
 
 
 def format_summary(summary: dict) -> str:

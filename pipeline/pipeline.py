@@ -18,7 +18,7 @@ settings are ignored.
 from kfp import dsl, kubernetes
 
 from components import evaluate, fetch_weights, prepare_data, train
-from trainer.tracking import RUN_ID_ENV
+from trainer.stages.tracking import RUN_ID_ENV
 
 PIPELINE_NAME = "mask-rcnn"
 CONFIG_MAP = "mask-rcnn-pipeline-config"
@@ -29,7 +29,7 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "presen
 TRAIN_RESOURCES = {"cpu": "6", "memory": "24Gi"}
 DATA_RESOURCES = {"cpu": "2", "memory": "8Gi"}
 TRAIN_RETRIES = 3  # preemptions survived per training task
-DEMO_CONFIG = "configs/demo.yaml"  # a preset inside the image, or YAML text
+DEMO_CONFIG = "configs/demo.yaml"  # a preset inside the image
 
 
 def _with_tracking_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -61,7 +61,8 @@ def _on_gpu_pool(task: dsl.PipelineTask, gpu_type: str, gpu_count: int, checkpoi
 @dsl.pipeline(name=PIPELINE_NAME, description="Mask R-CNN: fetch weights, prepare data, "
               "train heads then all layers, evaluate; tracked in MLflow")
 def mask_rcnn_pipeline(
-    config: str = DEMO_CONFIG,
+    config_preset: str = DEMO_CONFIG,
+    config_yaml: str = "",
     config_overrides: list = [],  # noqa: B006 - KFP parameters take literal defaults
     weights_source: str = "none",
     weights_sha256: str = "",
@@ -85,15 +86,17 @@ def mask_rcnn_pipeline(
     evaluation_limit: int = 0,
     num_pictures: int = 4,
 ):
-    """config: a preset path in the image (configs/coco.yaml) or YAML text; config_overrides:
-    KEY=VALUE strings. weights_source: gs://, https://, a path, or "none" (random init);
-    weights_exclude: layers not loaded (the class-specific ones for another NUM_CLASSES).
+    """config_preset: a preset path in the image (configs/coco.yaml); config_yaml: the config as
+    YAML text, used instead of the preset when not empty; config_overrides: KEY=VALUE strings.
+    weights_source: gs://, https://, a path, or "none" (random init); weights_exclude: layers
+    not loaded (the class-specific ones for another NUM_CLASSES).
     dataset_source: "shapes" or a COCO folder (annotations.json + images/, local or gs://);
     dataset_count: images to read (0 = all; shapes: 500). heads_epochs, total_epochs: the epoch
     each stage stops at; learning rates of 0 mean LEARNING_RATE (heads) and a tenth of it (all).
     min_map: the gate on gate_key that registers the model as registered_model_name ("" = do
     not register). evaluation_limit: val images to evaluate (0 = all)."""
-    common = dict(config=config, config_overrides=config_overrides,
+    common = dict(config_preset=config_preset, config_yaml=config_yaml,
+                  config_overrides=config_overrides,
                   mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment)
 
     weights = fetch_weights(source=weights_source, sha256=weights_sha256,
@@ -104,12 +107,12 @@ def mask_rcnn_pipeline(
         _with_tracking_env(_resources(task, **DATA_RESOURCES)).set_caching_options(True)
 
     heads = train(stage="train-heads", layers="heads", epochs=heads_epochs,
-                  learning_rate=heads_learning_rate, default_lr_factor=1.0,
+                  learning_rate=heads_learning_rate, lr_factor=1.0,
                   exclude=weights_exclude, gpu_count=gpu_count, checkpoint_root=checkpoint_root,
                   dataset=data.outputs["dataset"], init=weights.outputs["weights"],
                   **common).set_display_name("train-heads")
     all_layers = train(stage="train-all", layers="all", epochs=total_epochs,
-                       learning_rate=all_learning_rate, default_lr_factor=0.1, exclude=[],
+                       learning_rate=all_learning_rate, lr_factor=0.1, exclude=[],
                        gpu_count=gpu_count, checkpoint_root=checkpoint_root,
                        dataset=data.outputs["dataset"], init=heads.outputs["model"],
                        **common).set_display_name("train-all")

@@ -19,11 +19,17 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.params import (
+    PACKAGE,
+    package_parameters,
+    parse_params,
+    typed_value,
+    with_local_preset,
+)
 from trainer.errors import UserError
 
-PACKAGE = Path(__file__).with_name("mask_rcnn_pipeline.yaml")
 ENV_PARAMETERS = {
-    "CONFIG_PRESET": "config",
+    "CONFIG_PRESET": "config_preset",
     "WEIGHTS_SOURCE": "weights_source",
     "DATASET_SOURCE": "dataset_source",
     "HEADS_EPOCHS": "heads_epochs",
@@ -45,67 +51,15 @@ def compile_pipeline(path: str | Path = PACKAGE) -> Path:
     return Path(path)
 
 
-def package_parameters(package: str | Path) -> dict[str, str]:
-    """The pipeline's parameters in a compiled package: name -> KFP type (STRING, ...)."""
-    try:
-        spec = next(yaml.safe_load_all(Path(package).read_text()))  # then the platforms
-        parameters = spec["root"]["inputDefinitions"]["parameters"]
-    except FileNotFoundError:
-        raise UserError(f"--package {package} does not exist: run `mrcnn pipeline compile`") \
-            from None
-    except (yaml.YAMLError, KeyError, TypeError, StopIteration):
-        raise UserError(f"--package {package} is not a compiled KFP pipeline") from None
-    return {name: p["parameterType"] for name, p in parameters.items()}
-
-
-def _typed(name: str, value: str, kind: str):
-    try:
-        if kind == "NUMBER_INTEGER":
-            return int(value)
-        if kind == "NUMBER_DOUBLE":
-            return float(value)
-        if kind == "BOOLEAN":
-            return {"true": True, "false": False}[value.lower()]
-        if kind in ("LIST", "STRUCT"):
-            parsed = yaml.safe_load(value)
-            if not isinstance(parsed, list if kind == "LIST" else dict):
-                raise ValueError
-            return parsed
-    except (ValueError, KeyError, yaml.YAMLError):
-        raise UserError(f"parameter {name}: {value!r} is not a {kind.lower()}") from None
-    return value
-
-
-def resolve_config_value(value: str) -> str:
-    """A config preset path that exists here is sent as its YAML text (the tasks then need no
-    copy of it); anything else (a path inside the image, YAML text) is sent as it is."""
-    path = Path(value)
-    if "\n" not in value and path.suffix in (".yaml", ".yml") and path.is_file():
-        from trainer.config import Config
-
-        return Config.from_yaml(path).to_yaml()
-    return value
-
-
 def run_arguments(package: str | Path, params: Sequence[str] = (),
                   environ: Mapping[str, str] | None = None) -> dict:
     """The arguments to start the package with: `params` (NAME=VALUE), then the ConfigMap's
     environment variables, then the package's defaults (not sent)."""
     environ = os.environ if environ is None else environ
     kinds = package_parameters(package)
-    arguments: dict = {}
-    for env_name, name in ENV_PARAMETERS.items():
-        if environ.get(env_name):
-            arguments[name] = _typed(name, environ[env_name], kinds[name])
-    for text in params:
-        name, sep, value = text.partition("=")
-        if not sep or name not in kinds:
-            raise UserError(f"--param {text!r}: expected NAME=VALUE with NAME one of "
-                            f"{', '.join(kinds)}")
-        arguments[name] = _typed(name, value, kinds[name])
-    if "config" in arguments:
-        arguments["config"] = resolve_config_value(arguments["config"])
-    return arguments
+    from_env = {name: typed_value(name, environ[env_name], kinds[name])
+                for env_name, name in ENV_PARAMETERS.items() if environ.get(env_name)}
+    return with_local_preset({**from_env, **parse_params(params, package)})
 
 
 def _client(host: str, namespace: str | None):
@@ -156,9 +110,9 @@ def schedule(host: str, cron: str, *, name: str = "mask-rcnn-retrain",
 
 
 def _shown(arguments: dict) -> dict:
-    """Arguments for printing: a config sent as YAML text is shown by its first line."""
+    """Arguments for printing: a config sent as YAML text is shown by its NAME."""
     shown = dict(arguments)
-    if "\n" in str(shown.get("config", "")):
-        shown["config"] = "<YAML text, NAME=" + str(
-            yaml.safe_load(shown["config"]).get("NAME")) + ">"
+    if shown.get("config_yaml"):
+        shown["config_yaml"] = "<YAML text, NAME=" + str(
+            yaml.safe_load(shown["config_yaml"]).get("NAME")) + ">"
     return shown

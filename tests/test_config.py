@@ -86,3 +86,13 @@ def test_presets_load():
     assert {name: c.NUM_CLASSES for name, c in presets.items()} == {
         "demo": 4, "shapes": 4, "coco": 81}
     assert presets["demo"].TRAIN_BN  # the CPU demo trains from random initialisation
+
+
+def test_from_text_reads_what_to_yaml_writes_and_names_its_source_in_errors():
+    config = Config(NAME="texty", NUM_CLASSES=5)
+    assert Config.from_text(config.to_yaml()) == config
+    assert Config.from_text("NUM_CLASSES: 3\n", ["NAME=x"]).NAME == "x"
+    with pytest.raises(ConfigError, match=r"^config_yaml: unknown config key 'NUM_CLASES'"):
+        Config.from_text("NUM_CLASES: 3\n", source="config_yaml")
+    with pytest.raises(ConfigError, match="config text: expected a mapping"):
+        Config.from_text("just a string")

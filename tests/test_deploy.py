@@ -490,7 +490,7 @@ def test_retraining_cronjob_submits_the_pipeline_baked_into_the_image(overlays):
 
 
 def test_retraining_cronjob_arguments_parse_with_the_cli(overlays):
-    from trainer import cli
+    from trainer.cli import main as cli
 
     parser = cli.build_parser()
     args = retrain_container(overlays["prod"])["args"]

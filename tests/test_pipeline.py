@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from pipeline import submit
-from pipeline.local import parse_params
+from pipeline.params import parse_params
 from trainer.errors import UserError
-from trainer.stages import resolve_init
+from trainer.stages.train import resolve_init
 
 ROOT = Path(__file__).resolve().parents[1]
 MRCNN = [sys.executable, "-m", "trainer.cli"]
@@ -98,9 +98,31 @@ def test_submit_arguments_come_from_params_then_the_config_map_environment(tmp_p
     assert arguments["weights_source"] == "gs://b/w.h5"
     assert arguments["min_map"] == 0.3  # the registration gate from the ConfigMap
     assert arguments["weights_exclude"] == ["mrcnn_mask"]
-    # a preset that exists here is sent as its resolved YAML; the image has its own copy too
-    assert yaml.safe_load(arguments["config"])["NAME"] == "coco"
-    assert "config" not in submit.run_arguments(submit.PACKAGE, [], {})
+    # a preset that exists here is also sent as its resolved YAML; the image has its own copy
+    assert arguments["config_preset"] == "configs/coco.yaml"
+    assert yaml.safe_load(arguments["config_yaml"])["NAME"] == "coco"
+    assert "config_yaml" not in submit.run_arguments(submit.PACKAGE, [], {})
+    # a preset only the image has is sent as its path, for the tasks to read there
+    inside = submit.run_arguments(submit.PACKAGE, ["config_preset=configs/elsewhere.yaml"], {})
+    assert inside == {"config_preset": "configs/elsewhere.yaml"}
+
+
+def test_a_stage_reads_the_config_from_yaml_text_or_from_a_preset_never_guessing(tmp_path):
+    from trainer.stages.inputs import stage_config
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("NAME: from_file\nNUM_CLASSES: 3\n")
+    text = "NAME: from_text\nNUM_CLASSES: 5\n"
+    assert stage_config(str(preset), "", ["IMAGES_PER_GPU=1"]).NAME == "from_file"
+    config = stage_config(str(preset), text, ["IMAGES_PER_GPU=1"])  # the text wins when given
+    assert (config.NAME, config.NUM_CLASSES, config.IMAGES_PER_GPU) == ("from_text", 5, 1)
+    # a path-looking text is still YAML text, and YAML text is never taken for a path
+    with pytest.raises(UserError, match="config_yaml: expected a mapping"):
+        stage_config(str(preset), "configs/demo.yaml")
+    with pytest.raises(UserError, match="does not exist"):
+        stage_config("NAME: inline", "")
+    with pytest.raises(UserError, match="config_preset"):
+        stage_config("", "")
 
 
 @pytest.mark.parametrize("param, message", [

@@ -4,9 +4,7 @@
 (the CLI's help, KFP component bodies) don't pay for importing TensorFlow.
 """
 
-from trainer.version import __version__
-
-__all__ = ["Config", "MaskRCNN", "__version__"]
+from trainer.version import __version__ as __version__
 
 
 def __getattr__(name: str):
@@ -15,7 +13,7 @@ def __getattr__(name: str):
 
         return Config
     if name == "MaskRCNN":
-        from trainer.maskrcnn import MaskRCNN
+        from trainer.engine.maskrcnn import MaskRCNN
 
         return MaskRCNN
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")

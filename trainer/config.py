@@ -217,20 +217,28 @@ class Config:
         """Loads a YAML preset (a flat mapping of keys to values) with `yaml.safe_load`."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        return cls.from_text(text, overrides, source=str(path))
+
+    @classmethod
+    def from_text(cls, text: str, overrides: Iterable[str] = (), *,
+                  source: str = "config text") -> Config:
+        """A Config from YAML text (what `to_yaml` writes); `source` names it in errors."""
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}".splitlines()[0]) from None
+            raise ConfigError(f"{source} is not valid YAML: {err}".splitlines()[0]) from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(
-                f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+                f"{source}: expected a mapping of config keys, got {type(data).__name__}")
         try:
             return cls(**data).with_overrides(overrides)
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{source}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Every key (derived ones included) as plain JSON/YAML-ready values."""

@@ -16,15 +16,10 @@ from pycocotools.coco import COCO
 
 from tests.data.conftest import HEIGHT, WIDTH, tiny_coco_dict, write_coco, write_image
 from tests.servers import GcsEmulator, gcs_emulator
-from trainer import cli
+from trainer.cli import main as cli
 from trainer.data import coco, shapes, tfrecord
-from trainer.data.prepare import (
-    IN_FLIGHT_PER_WORKER,
-    TASKS_PER_CHUNK,
-    ordered_results,
-    prepare_dataset,
-    split_of,
-)
+from trainer.data.prepare import prepare_dataset, split_of
+from trainer.data.workers import IN_FLIGHT_PER_WORKER, TASKS_PER_CHUNK, ordered_results
 from trainer.errors import UserError
 
 QUIET = {"workers": 1, "progress": False}

@@ -10,7 +10,7 @@ import pytest
 from trainer import Config, MaskRCNN
 from trainer.data import shapes
 from trainer.data.memory import examples_dataset
-from trainer.training import recompute_bn_statistics
+from trainer.engine.training import recompute_bn_statistics
 
 MAX_STEPS = 500
 CHECK_EVERY = 25

@@ -18,18 +18,15 @@ import math
 import posixpath
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from trainer import storage
-from trainer.data.coco_json import (  # re-exported: prepare writes val json through coco
-    CocoJsonWriter,  # noqa: F401
-    coco_annotations,  # noqa: F401
-)
+from trainer.data.records import AnnotatedImage
 from trainer.errors import StorageError, UserError
+from trainer.io import storage
 
 # Reason codes of skipped or repaired records.
 MISSING_IMAGE = "missing_image"
@@ -67,34 +64,6 @@ class Issue:
             entry["annotation_id"] = self.annotation_id
         entry["detail"] = self.detail
         return entry
-
-
-@dataclass
-class AnnotatedImage:
-    """One readable image with its objects, source-independent (COCO and shapes produce it).
-
-    image_encoded: the file's bytes, PNG or JPEG (`image_format` "png" / "jpeg")
-    masks: bool [H, W, N]
-    boxes: float64 [N, (y1, x1, y2, x2)] in pixels, y2/x2 exclusive
-    class_ids: int32 [N], contiguous 1..num_classes-1
-    is_crowd: bool [N]
-    """
-
-    image_encoded: bytes
-    image_format: str
-    height: int
-    width: int
-    filename: str
-    image_id: int
-    masks: np.ndarray
-    boxes: np.ndarray
-    class_ids: np.ndarray
-    is_crowd: np.ndarray
-    sha256: str = field(default="")
-
-    @property
-    def source_id(self) -> str:
-        return str(self.image_id)
 
 
 @dataclass(frozen=True)

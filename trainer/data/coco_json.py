@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-if TYPE_CHECKING:
-    from trainer.data.coco import AnnotatedImage
+from trainer.data.records import AnnotatedImage
 
 
 def coco_annotations(image: AnnotatedImage) -> list[dict]:

@@ -17,11 +17,11 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from trainer import storage
 from trainer.config import Config
 from trainer.data import tfrecord
 from trainer.data.transforms import training_example
 from trainer.errors import UserError
+from trainer.io import storage
 from trainer.model.anchors import anchors_for_image
 
 SHUFFLE_BUFFER = 512  # examples; shards are also read in shuffled, interleaved order
@@ -53,7 +53,8 @@ def examples(data_dir: str, split: str = "val") -> tf.data.Dataset:
     return tfrecord.read_examples(shard_paths(data_dir, split))
 
 
-def _check_classes(data_dir: str, info: dict, config: Config) -> None:
+def check_classes(data_dir: str, info: dict, config: Config) -> None:
+    """A UserError when the config's NUM_CLASSES is not the dataset's class count."""
     names = info["class_names"]
     if config.NUM_CLASSES != len(names):
         raise UserError(f"NUM_CLASSES={config.NUM_CLASSES} but {data_dir} has {len(names)} "
@@ -90,7 +91,7 @@ def _model_inputs(
 def _pipeline(data_dir: str, config: Config, split: str, to_inputs, shuffle: bool,
               repeat: bool) -> tf.data.Dataset:
     info = read_dataset_info(data_dir)
-    _check_classes(data_dir, info, config)
+    check_classes(data_dir, info, config)
     files = tf.data.Dataset.from_tensor_slices(shard_paths(data_dir, split, info))
     if shuffle:
         files = files.shuffle(len(info["splits"][split]["shards"]), reshuffle_each_iteration=True)

@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -37,13 +36,11 @@ import numpy as np
 from PIL import Image
 
 from trainer.data import coco, shapes
-from trainer.data.workers import (  # the bounds are re-exported for tests and callers
-    IN_FLIGHT_PER_WORKER,  # noqa: F401
-    TASKS_PER_CHUNK,  # noqa: F401
-    available_cpus,
-    ordered_results,
-)
+from trainer.data.coco_json import CocoJsonWriter, coco_annotations
+from trainer.data.records import AnnotatedImage
+from trainer.data.workers import available_cpus, ordered_results
 from trainer.errors import UserError
+from trainer.progress import Progress
 
 SOURCES = ("shapes", "coco")
 SPLITS = ("train", "val")
@@ -95,7 +92,7 @@ def _read_shapes(context: _ShapesContext, index: int):
     buffer = io.BytesIO()
     Image.fromarray(sample.image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     data = buffer.getvalue()
-    return coco.AnnotatedImage(
+    return AnnotatedImage(
         image_encoded=data,
         image_format="png",
         height=context.image_size,
@@ -162,32 +159,11 @@ def _encode_task(job: _Job, task) -> dict:
             "id": image.image_id, "file_name": image.filename,
             "height": image.height, "width": image.width,
         }
-        result["coco_annotations"] = coco.coco_annotations(image)
+        result["coco_annotations"] = coco_annotations(image)
     return result
 
 
 # === Parent side: write shards, COCO json and dataset.json ===
-
-
-class _Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, else a line every
-    few seconds)."""
-
-    def __init__(self, total: int | None, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int, skipped: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self.last < (0.5 if self.tty else 5.0)):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        of = f"/{self.total} ({100 * done / max(self.total, 1):.0f}%)" if self.total else ""
-        line = f"prepare: {done}{of} images, {skipped} skipped, {rate:.1f} images/s"
-        sys.stderr.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
-        sys.stderr.flush()
 
 
 def _plan(source: str, options: dict) -> tuple[_Job, Iterator, int | None, dict, list, list]:
@@ -270,9 +246,6 @@ def prepare_dataset(
                    categories=list(categories) if categories else None)
     job, tasks, total, description, category_list, issues = _plan(source, options)
 
-    # TensorFlow (parent only) loads here, before any output folder exists.
-    from trainer.data import tfrecord  # noqa: F401
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -314,6 +287,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
 def _write_dataset(tmp: Path, job: _Job, tasks: Iterator, total: int | None, description: dict,
                    category_list: list[dict], issues: list, settings: dict) -> dict:
     """Writes shards, val_annotations.json and dataset.json into `tmp`; returns the summary."""
+    # Lazy: the spawned worker processes import this module and must not load TensorFlow.
     from trainer.data import tfrecord
 
     source, shards, val_fraction = job.source, settings["shards"], job.val_fraction
@@ -323,13 +297,13 @@ def _write_dataset(tmp: Path, job: _Job, tasks: Iterator, total: int | None, des
                for split, files in names.items()}
     coco_categories = [{"id": c["id"], "name": c["name"], "supercategory": source}
                        for c in category_list]
-    val_json = coco.CocoJsonWriter(tmp / "val_annotations.json", coco_categories)
+    val_json = CocoJsonWriter(tmp / "val_annotations.json", coco_categories)
     stats = {split: Counter() for split in SPLITS}
     # The fingerprint covers content as read, not where it was read from: the same data
     # under another path or bucket gives the same fingerprint.
     content = {k: v for k, v in description.items() if k not in ("annotations", "images")}
     fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
-    bar = _Progress(total, settings["progress"])
+    bar = Progress("prepare", total, settings["progress"])
     done = skipped_images = 0
     encode = functools.partial(_encode_task, job)
     for result in ordered_results(encode, tasks, settings["workers"]):
@@ -350,8 +324,8 @@ def _write_dataset(tmp: Path, job: _Job, tasks: Iterator, total: int | None, des
             split_stats["crowd_objects"] += sum(fields["is_crowd"])
             if split == "val":
                 val_json.add(result["coco_image"], result["coco_annotations"])
-        bar.update(done, skipped_images)
-    bar.update(done, skipped_images, final=True)
+        bar.update(done, f", {skipped_images} skipped")
+    bar.update(done, f", {skipped_images} skipped", final=True)
     for split_writers in writers.values():
         for writer in split_writers:
             writer.close()

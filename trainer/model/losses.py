@@ -86,3 +86,14 @@ def mrcnn_mask_loss(target_masks: tf.Tensor, target_class_ids: tf.Tensor,
     loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=target_masks, logits=logits)
     positive = tf.broadcast_to((target_class_ids > 0)[..., None, None], tf.shape(loss))
     return _masked_mean(loss, positive)
+
+
+def weight_decay_loss(variables, weight_decay: float) -> tf.Tensor:
+    """Matterport's L2: sum over trainable weights, except BatchNorm gamma and beta, of
+    weight_decay * sum(w ** 2) / size(w)."""
+    terms = [
+        weight_decay * tf.reduce_sum(tf.square(v)) / tf.cast(tf.size(v), tf.float32)
+        for v in variables
+        if not (v.name.endswith("gamma") or v.name.endswith("beta"))
+    ]
+    return tf.add_n(terms) if terms else tf.constant(0.0)

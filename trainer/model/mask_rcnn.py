@@ -126,17 +126,6 @@ def build_inference_model(config: Config) -> keras.Model:
         name="mask_rcnn")
 
 
-def weight_decay_loss(variables, weight_decay: float) -> tf.Tensor:
-    """Matterport's L2: sum over trainable weights, except BatchNorm gamma and beta, of
-    weight_decay * sum(w ** 2) / size(w)."""
-    terms = [
-        weight_decay * tf.reduce_sum(tf.square(v)) / tf.cast(tf.size(v), tf.float32)
-        for v in variables
-        if not (v.name.endswith("gamma") or v.name.endswith("beta"))
-    ]
-    return tf.add_n(terms) if terms else tf.constant(0.0)
-
-
 class MaskRCNNTrainingModel(keras.Model):
     """The training graph plus its losses: `fit` trains it with no `loss=` argument.
 
@@ -174,7 +163,7 @@ class MaskRCNNTrainingModel(keras.Model):
         outputs = self(inputs, training=training)
         values = self.compute_losses(inputs, outputs)
         total = tf.add_n(list(values.values()))
-        total += weight_decay_loss(self.trainable_weights, self.weight_decay)
+        total += losses.weight_decay_loss(self.trainable_weights, self.weight_decay)
         return total, values
 
     def _update_trackers(self, total, values) -> dict[str, tf.Tensor]:

@@ -1,0 +1,288 @@
+"""The training procedure (matterport's `train`, `compile`, `set_trainable`), for Keras 3.
+
+    model.train(train_data, val_data, learning_rate=cfg.LEARNING_RATE, epochs=40, layers="heads")
+    model.train(train_data, val_data, learning_rate=cfg.LEARNING_RATE / 10, epochs=120,
+                layers="all")
+
+`epochs` is the epoch to stop at: a model loaded from `..._0040.h5` continues at epoch 41.
+Each train() call starts a new SGD optimizer for its trainable set (as matterport compiles
+anew); a checkpoint written by the same stage restores its momentum and iteration count, so a
+stopped stage resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from trainer.data import input as data_input
+from trainer.data.augment import Augmentation
+from trainer.errors import UserError
+from trainer.weights.by_name import save_weights, weight_names
+from trainer.weights.checkpoints import (
+    checkpoint_path,
+    epoch_of,
+    load_optimizer_state,
+    optimizer_path,
+    save_optimizer_state,
+)
+
+# Matterport's predefined layer selections; anything else is a regular expression matched
+# against whole layer names.
+LAYER_REGEX = {
+    "heads": r"(mrcnn\_.*)|(rpn\_.*)|(fpn\_.*)",
+    "3+": r"(res3.*)|(bn3.*)|(res4.*)|(bn4.*)|(res5.*)|(bn5.*)|(mrcnn\_.*)|(rpn\_.*)|(fpn\_.*)",
+    "4+": r"(res4.*)|(bn4.*)|(res5.*)|(bn5.*)|(mrcnn\_.*)|(rpn\_.*)|(fpn\_.*)",
+    "5+": r"(res5.*)|(bn5.*)|(mrcnn\_.*)|(rpn\_.*)|(fpn\_.*)",
+    "all": ".*",
+}
+
+
+# Batches averaged for precise BatchNorm statistics at each epoch end (TRAIN_BN only): about a
+# second each on a CPU, negligible beside an epoch of real training.
+PRECISE_BN_STEPS = 8
+
+
+class TrainingDivergedError(UserError):
+    """The loss became NaN or infinite; training stopped, the last good checkpoint is kept."""
+
+
+def resolve_layers(layers: str) -> str:
+    """A predefined selection's regex, or `layers` itself once checked to compile."""
+    regex = LAYER_REGEX.get(layers, layers)
+    try:
+        re.compile(regex)
+    except re.error as err:
+        raise UserError(f"layers={layers!r} is neither one of {', '.join(LAYER_REGEX)} nor a "
+                        f"valid regular expression ({err})") from None
+    return regex
+
+
+def set_trainable(keras_model: keras.Model, layer_regex: str, verbose: int = 1,
+                  indent: int = 0) -> list[str]:
+    """Makes the layers whose whole name matches `layer_regex` trainable, the rest frozen.
+
+    Reaches into nested models (`rpn_model`: its layers are matched by their own names) and
+    into wrapped layers (TimeDistributed: the wrapper's name decides, the inner layer holds
+    the weights). Returns the names of the layers left trainable.
+    """
+    selected = []
+    for layer in keras_model.layers:
+        if isinstance(layer, keras.Model):
+            if verbose:
+                print(f"{' ' * indent}In model: {layer.name}")
+            layer.trainable = True  # its own layers decide below
+            selected += set_trainable(layer, layer_regex, verbose, indent + 4)
+            continue
+        if not layer.weights:
+            continue
+        trainable = re.fullmatch(layer_regex, layer.name) is not None
+        layer.trainable = trainable
+        if isinstance(layer, keras.layers.TimeDistributed):
+            layer.layer.trainable = trainable
+        if trainable:
+            selected.append(layer.name)
+            if verbose:
+                print(f"{' ' * indent}{layer.name:20} ({type(layer).__name__})")
+    return selected
+
+
+def learning_rate_for(config, learning_rate: float = 0.0, factor: float = 1.0) -> float:
+    """The one place that decides a stage's learning rate: `learning_rate` when positive;
+    0 (the one marker for "the config's default") means LEARNING_RATE x `factor` (the
+    pipeline's all-layers stage uses a tenth, as matterport's samples do)."""
+    if learning_rate < 0 or factor <= 0:
+        raise UserError(f"learning rate {learning_rate} x factor {factor}: the rate must be "
+                        "positive, or 0 for the config's LEARNING_RATE")
+    return learning_rate if learning_rate > 0 else config.LEARNING_RATE * factor
+
+
+def make_optimizer(learning_rate: float, config) -> keras.optimizers.Optimizer:
+    """SGD with LEARNING_MOMENTUM, gradients clipped by their GLOBAL norm: Keras 2's
+    `clipnorm` (matterport's GRADIENT_CLIP_NORM) clipped all gradients together; Keras 3's
+    `clipnorm` clips each one separately, its `global_clipnorm` is the old meaning."""
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
+                                global_clipnorm=config.GRADIENT_CLIP_NORM)
+
+
+def recompute_bn_statistics(keras_model: keras.Model, batches, steps: int = 1) -> int:
+    """Precise BatchNorm (as Detectron2's PreciseBN): replaces the moving statistics of every
+    BatchNorm layer that trains (TRAIN_BN true) with their average over `steps` batches.
+
+    With TRAIN_BN, training normalises with each batch's statistics while inference uses
+    moving averages (momentum 0.99) that lag behind weights that move fast; recomputing them
+    once the weights are final makes inference see what training saw. Returns the number of
+    BatchNorm layers updated.
+    """
+    norms = [layer for layer in _all_layers(keras_model)
+             if isinstance(layer, keras.layers.BatchNormalization)
+             and getattr(layer, "train_bn", True)]
+    momentums = [layer.momentum for layer in norms]
+    try:
+        for k, batch in zip(range(steps), batches):
+            for layer in norms:  # running average: the k-th batch weighs 1 / (k + 1)
+                layer.momentum = k / (k + 1.0)
+            keras_model(batch, training=True)  # eager: the momentum is read on each call
+    finally:
+        for layer, momentum in zip(norms, momentums, strict=True):
+            layer.momentum = momentum
+    return len(norms)
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+        elif isinstance(layer, keras.layers.TimeDistributed):
+            yield layer.layer
+        else:
+            yield layer
+
+
+# === Callbacks ===
+
+
+class NonFiniteLossGuard(keras.callbacks.Callback):
+    """Stops training at the first NaN/inf loss and remembers where it happened."""
+
+    def __init__(self):
+        super().__init__()
+        self.tripped: tuple[int, int, float] | None = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.tripped is None:
+            self.tripped = (self._epoch + 1, batch + 1, float(loss))
+            self.model.stop_training = True
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """At each epoch end, before the checkpoint is written: BatchNorm moving statistics
+    recomputed on `steps` training batches with the epoch's final weights (TRAIN_BN only; see
+    `recompute_bn_statistics`). Checkpoints then infer as they trained."""
+
+    def __init__(self, batches, guard: NonFiniteLossGuard, steps: int = PRECISE_BN_STEPS):
+        super().__init__()
+        self.batches, self.guard, self.steps = batches, guard, steps
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.tripped is None:
+            recompute_bn_statistics(self.model, self.batches, self.steps)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch: weights in matterport's h5 layout and the optimizer state beside
+    them, both written atomically. Never writes after the loss went non-finite."""
+
+    def __init__(self, log_dir: Path, name: str, guard: NonFiniteLossGuard,
+                 extra: dict | None = None):
+        super().__init__()
+        self.log_dir, self.name, self.guard = Path(log_dir), name, guard
+        self.extra = extra or {}
+        self.last_saved: Path | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.tripped is not None:
+            return
+        path = checkpoint_path(self.log_dir, self.name, epoch + 1)
+        save_weights(self.model, path, extra_attrs={"epoch": epoch + 1})
+        variables = self.model.trainable_variables
+        save_optimizer_state(optimizer_path(path), self.model.optimizer, variables,
+                             weight_names(self.model, variables), self.extra)
+        self.last_saved = path
+
+
+# === train ===
+
+
+def _datasets(model, train_data, val_data, augmentation, no_augmentation_sources):
+    """Batched tf.data for training and validation from prepared folders or datasets."""
+    if augmentation is not None and type(augmentation).__module__.startswith("imgaug"):
+        raise UserError("imgaug augmenters are not supported (imgaug breaks on NumPy 2): pass a "
+                        "spec such as {sometimes: 0.5, then: [{fliplr: 0.5}]}")
+    augment = None if augmentation is None else Augmentation.from_spec(augmentation)
+
+    def one(data, training: bool):
+        if isinstance(data, tf.data.Dataset):
+            if augment is not None and training:
+                raise UserError("augmentation applies to prepared dataset folders; a "
+                                "tf.data.Dataset must be augmented by its producer")
+            return data
+        if training:
+            return data_input.training_dataset(str(data), model.config, augmentation=augment,
+                                               no_augmentation_sources=no_augmentation_sources)
+        return data_input.evaluation_dataset(str(data), model.config, repeat=True)
+
+    return one(train_data, True), (None if val_data is None else one(val_data, False))
+
+
+def train(model, train_data, val_data, learning_rate: float, epochs: int, layers: str,
+          augmentation=None, custom_callbacks: Sequence[keras.callbacks.Callback] | None = None,
+          no_augmentation_sources: Sequence[str] | None = None, verbose: int = 1):
+    """Trains `model` (a training-mode MaskRCNN) from `model.epoch` up to `epochs`.
+
+    train_data / val_data: prepared dataset folders (`mrcnn data prepare`) or tf.data.Datasets
+    of batched model inputs. Returns the Keras History (None when there is nothing to do).
+    Raises TrainingDivergedError if the loss becomes non-finite.
+    """
+    if model.mode != "training":
+        raise UserError("train() needs a model built with mode='training'")
+    config = model.config
+    if epochs <= model.epoch:
+        print(f"Already at epoch {model.epoch}; epochs={epochs}: nothing to train.")
+        return None
+    regex = resolve_layers(layers)
+    train_set, val_set = _datasets(model, train_data, val_data, augmentation,
+                                   no_augmentation_sources)
+    model.log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"\nStarting at epoch {model.epoch}. LR={learning_rate}\n")
+    print(f"Checkpoint Path: {model.log_dir}/mask_rcnn_{config.NAME.lower()}_*epoch*.h5")
+    print("Selecting layers to train")
+    keras_model = model.keras_model
+    with model.strategy.scope():
+        set_trainable(keras_model, regex, verbose=verbose)
+        optimizer = make_optimizer(learning_rate, config)
+        keras_model.compile(optimizer=optimizer)
+        optimizer.build(keras_model.trainable_variables)
+        variables = keras_model.trainable_variables
+        if model.resume_from is not None and load_optimizer_state(
+                optimizer_path(model.resume_from), optimizer, variables,
+                weight_names(keras_model, variables)):
+            print(f"Restored optimizer state (iteration {int(optimizer.iterations.numpy())}) "
+                  f"from {optimizer_path(model.resume_from)}")
+    optimizer.learning_rate.assign(learning_rate)
+
+    guard = NonFiniteLossGuard()
+    checkpoint = EpochCheckpoint(model.log_dir, config.NAME, guard,
+                                 {"layers": regex, "learning_rate": learning_rate})
+    precise_bn = [PreciseBatchNorm(iter(train_set), guard)] if config.TRAIN_BN else []
+    callbacks = [guard, *precise_bn, checkpoint,
+                 keras.callbacks.TensorBoard(log_dir=str(model.log_dir), write_graph=False),
+                 *(custom_callbacks or [])]
+    warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
+    history = keras_model.fit(
+        train_set, initial_epoch=model.epoch, epochs=epochs,
+        steps_per_epoch=config.STEPS_PER_EPOCH, callbacks=callbacks,
+        validation_data=val_set, validation_steps=config.VALIDATION_STEPS if val_set else None,
+        verbose=verbose)
+    if guard.tripped is not None:
+        epoch, step, value = guard.tripped
+        kept = checkpoint.last_saved or model.resume_from
+        raise TrainingDivergedError(
+            f"loss became {value} at epoch {epoch}, step {step}: training stopped; last good "
+            f"checkpoint: {kept or 'none'}. Lower LEARNING_RATE or GRADIENT_CLIP_NORM, or check "
+            "the data")
+    if checkpoint.last_saved is not None:
+        model.epoch = epoch_of(checkpoint.last_saved)
+        model.resume_from = checkpoint.last_saved
+    return history

@@ -1,0 +1,63 @@
+"""The evaluate stage: the final checkpoint scored on the val split, the reports, the gate, and
+the model registered in MLflow when the gate passes.
+
+    {out}/ metrics.json, report.md, pictures/; a Markdown and an HTML report
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+from trainer.errors import UserError
+from trainer.evaluation.run import evaluate
+from trainer.io.atomic import write_atomic
+from trainer.stages.inputs import stage_config
+from trainer.stages.tracking import EVALUATION_METRICS, StageTracker, TrackingSettings
+from trainer.weights import checkpoints
+
+
+def evaluate_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str],
+                   dataset_dir: str, model_dir: str, limit: int, min_map: float, gate_key: str,
+                   num_pictures: int, registered_model_name: str, out_dir: str,
+                   markdown_path: str, html_path: str, tracking: TrackingSettings) -> dict:
+    """Evaluates the final checkpoint; when the gate passes and registered_model_name is set,
+    registers it in the MLflow Model Registry. Ends the pipeline's parent run."""
+    with StageTracker(tracking, "evaluate") as tracker:
+        # One device: the evaluate task requests no GPUs whatever the training used.
+        pipeline_config = stage_config(config_preset, config_yaml, overrides)
+        cfg = pipeline_config.replace(GPU_COUNT=1)
+        weights = checkpoints.newest_in_folder(model_dir)
+        if weights is None:
+            raise UserError(f"evaluate: no checkpoint (mask_rcnn_*.h5) in {model_dir}")
+        tracker.log_config(cfg, {"weights": weights.name, "limit": limit, "min_map": min_map,
+                                 "gate_key": gate_key}, pipeline_config)
+        result = evaluate(cfg, weights, dataset_dir, out_dir, limit=limit or None,
+                          min_map=min_map, gate_key=gate_key, num_pictures=num_pictures)
+        gate = result["gate"]
+        tracker.log_metrics({key: result[key] for key in EVALUATION_METRICS}, parent=True)
+        tracker.log_metrics({"gate_passed": float(gate["passed"])}, parent=True)
+        tracker.log_artifact(out_dir, "evaluation")
+        report = (Path(out_dir) / "report.md").read_text()
+        _write_reports(report, Path(out_dir), result, Path(markdown_path), Path(html_path))
+        result["registered_version"] = None
+        if gate["passed"] and registered_model_name:
+            result["registered_version"] = tracker.register_model(
+                weights, cfg.to_yaml(), registered_model_name)
+        tracker.set_tags({"gate": "passed" if gate["passed"] else "failed"}, parent=True)
+        tracker.finish_pipeline()
+        return result
+
+
+def _write_reports(report: str, out: Path, result: dict, markdown: Path, page: Path) -> None:
+    """The report as Markdown, and as one HTML page with the pictures inlined (the KFP UI
+    shows both without access to the artifact store's other files)."""
+    write_atomic(markdown, report)
+    images = "".join(
+        f'<figure><img src="data:image/png;base64,'
+        f'{base64.b64encode((out / name).read_bytes()).decode()}"><figcaption>'
+        f"{html.escape(name)}</figcaption></figure>" for name in result.get("pictures", []))
+    write_atomic(page, f"<!doctype html><html><body><pre>{html.escape(report)}</pre>"
+                 f"{images}</body></html>\n")
