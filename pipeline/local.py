@@ -19,6 +19,9 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from kfp import local
+
+from pipeline.pipeline import mask_rcnn_pipeline
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.stages.tracking import (
@@ -64,10 +67,6 @@ def run_local(config_path: str | Path, overrides: Sequence[str], workdir: str | 
     os.environ[RUN_ID_ENV] = run_id
     os.environ[RUN_NAME_ENV] = f"local {stamp}"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-    from kfp import local
-
-    from pipeline.pipeline import mask_rcnn_pipeline
 
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(workdir / "kfp"), raise_on_error=True)

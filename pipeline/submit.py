@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
+from kfp import compiler
 
 from pipeline.params import (
     PACKAGE,
@@ -26,6 +27,7 @@ from pipeline.params import (
     typed_value,
     with_local_preset,
 )
+from pipeline.pipeline import mask_rcnn_pipeline
 from trainer.errors import UserError
 
 ENV_PARAMETERS = {
@@ -43,10 +45,6 @@ KFP_EXPERIMENT = "mask-rcnn"
 
 def compile_pipeline(path: str | Path = PACKAGE) -> Path:
     """Compiles the pipeline into `path` (the committed package by default)."""
-    from kfp import compiler
-
-    from pipeline.pipeline import mask_rcnn_pipeline
-
     compiler.Compiler().compile(mask_rcnn_pipeline, str(path))
     return Path(path)
 

@@ -23,7 +23,7 @@ def config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> 
 
 
 def load_config(args: argparse.Namespace):
-    from trainer.config import Config
+    from trainer.config import Config  # lazy, as every handler's: `mrcnn --help` stays fast
 
     if args.config:
         return Config.from_yaml(args.config, args.overrides)

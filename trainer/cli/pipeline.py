@@ -43,14 +43,16 @@ def add_pipeline(commands: argparse._SubParsersAction) -> None:
 
 
 def _pipeline_compile(args: argparse.Namespace) -> int:
-    from pipeline.submit import PACKAGE, compile_pipeline
+    from pipeline.params import PACKAGE
+    from pipeline.submit import compile_pipeline
 
     print(f"compiled {compile_pipeline(args.out or PACKAGE)}")
     return 0
 
 
 def _pipeline_submit(args: argparse.Namespace) -> int:
-    from pipeline.submit import PACKAGE, submit
+    from pipeline.params import PACKAGE
+    from pipeline.submit import submit
 
     result = submit(args.host, package=args.package or PACKAGE, params=args.params,
                     run_name=args.run_name, experiment=args.experiment,
@@ -63,7 +65,8 @@ def _pipeline_submit(args: argparse.Namespace) -> int:
 
 
 def _pipeline_schedule(args: argparse.Namespace) -> int:
-    from pipeline.submit import PACKAGE, schedule
+    from pipeline.params import PACKAGE
+    from pipeline.submit import schedule
 
     result = schedule(args.host, args.cron, name=args.name, package=args.package or PACKAGE,
                       params=args.params, experiment=args.experiment,

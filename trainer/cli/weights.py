@@ -86,8 +86,8 @@ def _weights_fetch(args: argparse.Namespace) -> int:
 
 
 def _weights_inspect(args: argparse.Namespace) -> int:
-    from trainer.weights.by_name import format_report
-    from trainer.weights.fetch import check_fit, inspect_file, parse_exclude
+    from trainer.weights.by_name import format_report, parse_exclude
+    from trainer.weights.fetch import check_fit, inspect_file
 
     exclude = parse_exclude(args.exclude)
     inspection = inspect_file(args.path, load_config(args), exclude)

@@ -21,6 +21,7 @@ class MaskRCNNModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: `predict(images)` runs `MaskRCNN.detect` on a list of images."""
 
     def load_context(self, context) -> None:
+        # Imported when MLflow loads the model, not when the pipeline logs it.
         from trainer.config import Config
         from trainer.engine.maskrcnn import MaskRCNN
 

@@ -280,6 +280,7 @@ class StageTracker:
             return None
 
         def register() -> str:
+            # Lazy: mlflow.pyfunc is heavy, and only the evaluate stage registers a model.
             import mlflow
 
             from trainer.stages.mlflow_model import log_pyfunc_model
