@@ -29,7 +29,12 @@ from trainer.config import Config
 from trainer.errors import StorageError, UserError, WeightsFileError
 from trainer.model.mask_rcnn import build_inference_model
 from trainer.weights.by_name import CLASS_SPECIFIC_LAYERS, WeightsMismatchError
-from trainer.weights.fetch import ArchitectureMismatchError, UnsupportedSourceError, fetch_weights
+from trainer.weights.fetch import (
+    ArchitectureMismatchError,
+    UnsupportedSourceError,
+    fetch_weights,
+    report_path_for,
+)
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 FAST = {"backoff_seconds": 0.001}  # retries still happen, without the production pauses
@@ -141,8 +146,8 @@ def out(tmp_path: Path) -> Path:
 def assert_nothing_at(out: Path) -> dict:
     """After a failure: no weights file and no temporary file, only the failure report."""
     assert not out.exists()
-    assert sorted(p.name for p in out.parent.iterdir()) == ["report.json"]
-    report = json.loads((out.parent / "report.json").read_text())
+    assert sorted(p.name for p in out.parent.iterdir()) == ["weights.h5.report.json"]
+    report = json.loads(report_path_for(out).read_text())
     assert report["ok"] is False and report["error"]
     return report
 
@@ -172,8 +177,9 @@ def test_gcs_source(gcs: GcsEmulator, demo_h5: bytes, demo_config: Config, demo_
                                 "shared": n_layers, "matched": n_layers, "missing": 0, "unused": 0,
                                 "mismatched": 0, "excluded": 0}
     assert report["matched"] == sorted(weighted(demo_layers))
-    assert json.loads((out.parent / "report.json").read_text()) == report
-    assert sorted(p.name for p in out.parent.iterdir()) == ["report.json", "weights.h5"]
+    assert json.loads(report_path_for(out).read_text()) == report
+    assert sorted(p.name for p in out.parent.iterdir()) == ["weights.h5",
+                                                            "weights.h5.report.json"]
 
 
 def test_http_source_retried_after_two_failures(http: HttpServer, demo_h5: bytes,
@@ -201,13 +207,16 @@ def test_local_path_and_file_uri(tmp_path: Path, demo_h5: bytes, demo_config: Co
 
 def test_none_source_is_random_initialisation(demo_config: Config, out: Path) -> None:
     out.parent.mkdir()
-    out.write_bytes(b"stale weights of an earlier run")
+    out.write_bytes(b"the user's own weights")
+    (out.parent / "report.json").write_text("the user's unrelated report")
     report = fetch_weights("none", out, config=demo_config)
     assert report["source"] == "none" and report["initialisation"] == "random"
     assert report["ok"] is True and report["out"] is None
     assert report["warnings"] == []  # demo.yaml sets TRAIN_BN: true
-    assert not out.exists()
-    assert json.loads((out.parent / "report.json").read_text()) == report
+    # nothing the user had is touched: random initialisation writes no weights
+    assert out.read_bytes() == b"the user's own weights"
+    assert (out.parent / "report.json").read_text() == "the user's unrelated report"
+    assert json.loads(report_path_for(out).read_text()) == report
     # matterport's default TRAIN_BN=false freezes BatchNorm at its initial statistics
     assert "TRAIN_BN" in fetch_weights("none", out, config=Config())["warnings"][0]
 
@@ -322,9 +331,11 @@ def test_matched_fraction_threshold(tmp_path: Path, demo_layers: Layers, out: Pa
     share = len(weighted(heads)) / model_layers  # fpn_*, rpn_model, mrcnn_*: 25 of 131
     report = fetch_weights(str(source), out, config=demo_config, min_matched_fraction=share)
     assert report["ok"] and report["counts"]["missing"] == model_layers - len(weighted(heads))
+    before = out.read_bytes()
     with pytest.raises(ArchitectureMismatchError, match="is not weights for this model"):
         fetch_weights(str(source), out, config=demo_config, min_matched_fraction=share + 0.01)
-    assert_nothing_at(out)
+    assert out.read_bytes() == before  # the earlier good fetch stays
+    assert json.loads(report_path_for(out).read_text())["ok"] is False
 
 
 def test_excluding_too_much_fails(tmp_path: Path, demo_layers: Layers, out: Path,
@@ -415,7 +426,8 @@ def test_cli_fetch_prints_progress_and_json(http: HttpServer, demo_h5: bytes, ou
     assert f"downloading {url}: " in stderr and "(100%)" in stderr
 
     code, stdout, _ = run_cli(["weights", "fetch", "none", "--out", str(out)], capsys)
-    assert code == 0 and "random initialisation" in stdout and not out.exists()
+    assert code == 0 and "random initialisation" in stdout
+    assert out.read_bytes() == demo_h5  # the earlier fetch's weights stay
 
 
 @pytest.mark.parametrize("case", ["unreachable", "http_error", "cut_short", "checksum",
@@ -460,7 +472,7 @@ def test_cli_fetch_failures(case: str, http: HttpServer, demo_h5: bytes, out: Pa
     assert reason in error_lines[0]
     assert not out.exists()
     leftovers = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
-    assert leftovers in ([], ["report.json"])
+    assert leftovers in ([], ["weights.h5.report.json"])
 
 
 def test_cli_inspect_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -469,3 +481,25 @@ def test_cli_inspect_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert code == 2 and stdout == ""
     assert stderr == f"mrcnn weights: error: weights file {tmp_path / 'nope.h5'} does not " \
                      "exist (or is not a file)\n"
+
+
+@pytest.mark.parametrize("case", ["sha256", "unreachable", "mismatch"])
+def test_a_failed_fetch_leaves_the_users_file_and_reports_where_asked(
+        case: str, tmp_path: Path, demo_h5: bytes, demo_config: Config, http: HttpServer,
+        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "weights.h5"
+    out.write_bytes(b"the user's weights from last week")
+    source = tmp_path / "new.h5"
+    source.write_bytes(demo_h5)
+    argv, reason = {
+        "sha256": ([str(source), "--sha256", "0" * 64], "sha256"),
+        "unreachable": (["http://127.0.0.1:9/w.h5"], "127.0.0.1"),
+        "mismatch": ([str(source), "--set", "NUM_CLASSES=3"], "exclude="),
+    }[case]
+    report = tmp_path / "logs" / "fetch.json"
+    code, _, stderr = run_cli(["weights", "fetch", *argv, "--out", str(out), "--config",
+                               str(DEMO_CONFIG), "--report", str(report)], capsys)
+    assert code == 2 and reason in stderr
+    assert out.read_bytes() == b"the user's weights from last week"
+    assert json.loads(report.read_text())["ok"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "new.h5", "weights.h5"]

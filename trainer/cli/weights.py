@@ -19,11 +19,13 @@ def add_weights(commands: argparse._SubParsersAction) -> None:
         help="download weights and check them against the configured model",
         description="Downloads SOURCE (gs://BUCKET/KEY, https://URL, a path, or 'none' for "
         "random initialisation), checks its layers against the model --config builds, and "
-        "moves it to --out only if it fits; report.json is written beside --out.",
+        "moves it to --out only if it fits; a failed fetch leaves --out as it was. The report "
+        "goes to --report (default: --out with .report.json appended).",
     )
     fetch.add_argument("source", metavar="SOURCE")
     fetch.add_argument("--out", required=True, help="weights file to write (local)")
     fetch.add_argument("--sha256", metavar="HEX", help="expected sha256 of the file")
+    fetch.add_argument("--report", help="where the JSON report goes (default: OUT.report.json)")
     fetch.add_argument("--cache-dir", help="download cache (default $MRCNN_CACHE_DIR or "
                        "~/.cache/mrcnn)")
     inspect = actions.add_parser(
@@ -70,7 +72,8 @@ def _weights_fetch(args: argparse.Namespace) -> int:
     report = fetch_weights(
         args.source, args.out, sha256=args.sha256, config=load_config(args),
         exclude=args.exclude, min_matched_fraction=args.min_matched_fraction,
-        cache_dir=args.cache_dir, progress=_weights_progress(args.source))
+        cache_dir=args.cache_dir, progress=_weights_progress(args.source),
+        report_path=args.report)
     if args.json:
         print_json(report)
     elif report["initialisation"] == "random":

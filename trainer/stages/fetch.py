@@ -26,7 +26,8 @@ def fetch_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
         out.mkdir(parents=True, exist_ok=True)
         try:
             report = fetch_weights(source, out / WEIGHTS_FILE, sha256=sha256 or None,
-                                   config=cfg, exclude=list(exclude))
+                                   config=cfg, exclude=list(exclude),
+                                   report_path=out / REPORT_NAME)
         finally:
             tracker.log_artifact(out / REPORT_NAME, "weights")
         counts = report.get("counts") or {}

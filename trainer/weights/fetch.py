@@ -3,11 +3,12 @@
     report = fetch_weights("gs://bucket/mask_rcnn_coco.h5", Path("work/weights.h5"),
                            config=cfg, exclude=CLASS_SPECIFIC_LAYERS)
 
-`out` is this stage's output. After a call it holds weights of `source` that fit the model
-`config` builds, or nothing at all; `report.json` beside it says which (`ok`, `error`, layer
-counts and lists). The file is downloaded under a hidden name beside `out`, its layer names
-and shapes are compared with the model's (no arrays are loaded), and only then is it moved
-to `out`. `source="none"` means random initialisation: the report says so, no file is written.
+`out` is this stage's output. After a successful call it holds weights of `source` that fit
+the model `config` builds; after a failed one it is as it was. The report says which (`ok`,
+`error`, layer counts and lists). The file is downloaded under a hidden name beside `out`,
+its layer names and shapes are compared with the model's (no arrays are loaded), and only
+then is it moved to `out`. `source="none"` means random initialisation: the report says so,
+no file is written.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 from trainer.config import Config
 from trainer.errors import UserError
@@ -153,16 +152,9 @@ def _write_report(path: Path, report: dict) -> None:
     write_atomic(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
-def _is_same_file(source: str, out: Path) -> bool:
-    """True when a local `source` is the file `out` itself (never delete the user's source)."""
-    if storage.is_remote(source):
-        return False
-    parsed = urlparse(source)
-    local = Path(url2pathname(parsed.path)) if parsed.scheme == "file" else Path(source)
-    try:
-        return os.path.samefile(local.expanduser(), out)
-    except OSError:
-        return False
+def report_path_for(out: Path) -> Path:
+    """Where the report of a fetch to `out` goes unless the caller names a path."""
+    return out.with_name(out.name + ".report.json")
 
 
 def _model_summary(config: Config) -> dict:
@@ -191,16 +183,19 @@ def fetch_weights(
     progress: storage.Progress | None = None,
     retries: int = 4,
     backoff_seconds: float | None = None,
+    report_path: str | os.PathLike | None = None,
 ) -> dict:
     """Fetch `source` (gs://, http(s)://, file:// or a path) to `out` if it fits the model.
 
     `config` (default: `Config()`, matterport's defaults) builds the model the file must fit;
     `exclude` names layers not to load (e.g. CLASS_SPECIFIC_LAYERS for another NUM_CLASSES).
-    Writes `report.json` beside `out` and returns it: source, bytes, sha256, the file's Keras
-    version and backend, layer counts and lists, `ok` and `error`. `source="none"` is random
-    initialisation (no file). Raises a one-line UserError (StorageError, WeightsFileError,
-    WeightsMismatchError, ArchitectureMismatchError, UnsupportedSourceError); then `out` does
-    not exist and report.json holds `ok: false` and the error."""
+    Writes the report to `report_path` (default `{out}.report.json`, a name derived from
+    `out`, so it never replaces an unrelated file) and returns it: source, bytes, sha256, the
+    file's Keras version and backend, layer counts and lists, `ok` and `error`.
+    `source="none"` is random initialisation: no file is written and `out` is left alone.
+    Raises a one-line UserError (StorageError, WeightsFileError, WeightsMismatchError,
+    ArchitectureMismatchError, UnsupportedSourceError); then `out` is as it was before the
+    call (present or not) and the report holds `ok: false` and the error."""
     source, out = str(source).strip(), Path(out).expanduser()
     config = config if config is not None else Config()
     exclude = parse_exclude(exclude)
@@ -208,11 +203,10 @@ def fetch_weights(
     if not 0.0 <= min_matched_fraction <= 1.0:
         raise UserError(f"min_matched_fraction must be in [0, 1], got {min_matched_fraction}")
     _check_source(source)
-    report_path = out.parent / REPORT_NAME
+    report_path = Path(report_path) if report_path is not None else report_path_for(out)
     report: dict = {"source": source, "model": _model_summary(config), "exclude": exclude}
 
     if source.lower() == RANDOM_SOURCE:
-        out.unlink(missing_ok=True)  # stale weights beside this report would contradict it
         report.update(source=RANDOM_SOURCE, initialisation="random", out=None, ok=True,
                       error=None, warnings=_warnings(config, "random"))
         _write_report(report_path, report)
@@ -236,8 +230,6 @@ def fetch_weights(
             check_fit(inspection, exclude=exclude, min_matched_fraction=min_matched_fraction,
                       name=source)
     except UserError as err:
-        if not _is_same_file(source, out):
-            out.unlink(missing_ok=True)
         message = str(err)
         for tmp in fetching:
             message = message.replace(str(tmp), source)
