@@ -152,9 +152,32 @@ def test_sigterm_mid_run_leaves_no_partial_output(tmp_path: Path) -> None:
 
 def test_out_that_is_not_a_dataset_is_never_replaced(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not a prepared dataset"):
+    with pytest.raises(UserError, match="was not written by `mrcnn data prepare`"):
         prepare_dataset("shapes", tmp_path, count=2, image_size=64, **QUIET)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_only_a_folder_prepare_wrote_itself_is_replaced(tmp_path: Path) -> None:
+    # a dataset.json alone (even "{}") no longer makes a folder ours to replace
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "dataset.json").write_text("{}")
+    (user / "model.h5").write_bytes(b"the user's")
+    with pytest.raises(UserError, match="no marker file"):
+        prepare_dataset("shapes", user, count=2, image_size=64, **QUIET)
+    assert sorted(p.name for p in user.iterdir()) == ["dataset.json", "model.h5"]
+    # a folder prepare wrote is replaced whole, until the user puts a file of theirs in it
+    ours = tmp_path / "ours"
+    prepare_dataset("shapes", ours, count=2, image_size=64, **QUIET)
+    assert (ours / ".mrcnn-prepared").is_file()
+    prepare_dataset("shapes", ours, count=3, image_size=64, **QUIET)
+    assert json.loads((ours / "dataset.json").read_text())["splits"]["train"]["images"] + \
+        json.loads((ours / "dataset.json").read_text())["splits"]["val"]["images"] == 3
+    (ours / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match=r"did not write \(notes.txt\)"):
+        prepare_dataset("shapes", ours, count=2, image_size=64, **QUIET)
+    assert (ours / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "user"]
 
 
 def test_split_is_deterministic_and_stable_when_images_are_added(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -45,6 +46,10 @@ from trainer.progress import Progress
 SOURCES = ("shapes", "coco")
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
+# Written last into every prepared folder: only a folder holding it (and nothing that prepare
+# did not write) is ever replaced by a later prepare.
+MARKER = ".mrcnn-prepared"
+SHARD_NAME = re.compile(r"(train|val)-\d{5}-of-\d{5}\.tfrecord")
 # zlib level for the PNGs we encode (generated images, masks): measured on 384 px shapes,
 # level 3 encodes 40% faster than PIL's default 6 for files still a few KB. Lossless either way.
 PNG_COMPRESS_LEVEL = 3
@@ -237,10 +242,7 @@ def prepare_dataset(
     out = Path(out_dir).expanduser().absolute()
     if str(out_dir).startswith("gs://"):
         raise UserError("--out must be a local folder: prepare locally, then upload it")
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir())
-                                               or (out / "dataset.json").exists())):
-        raise UserError(f"--out {out} exists and is not a prepared dataset: choose a new "
-                        "folder or remove it")
+    _check_replaceable(out)
     options = dict(annotations=annotations, images=images, count=count, image_size=image_size,
                    val_fraction=val_fraction, seed=seed,
                    categories=list(categories) if categories else None)
@@ -357,7 +359,33 @@ def _write_dataset(tmp: Path, job: _Job, tasks: Iterator, total: int | None, des
         "repaired": [i.to_json() for i in issues if i.action == coco.REPAIRED],
     }
     (tmp / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (tmp / MARKER).write_text(f"written by mrcnn data prepare, format {FORMAT_VERSION}; the "
+                              "folder is replaced as a whole when prepared again\n")
     return summary
+
+
+def _written_by_prepare(name: str) -> bool:
+    return name in (MARKER, "dataset.json", "val_annotations.json") or \
+        SHARD_NAME.fullmatch(name) is not None
+
+
+def _check_replaceable(out: Path) -> None:
+    """`out` may be replaced only when it is absent, empty, or a folder this function's own
+    runs wrote (the MARKER inside) that holds nothing else: the user's files are never lost."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file: choose a new folder")
+    names = [path.name for path in out.iterdir()]
+    if not names:
+        return
+    if MARKER not in names:
+        raise UserError(f"--out {out} is not empty and was not written by `mrcnn data "
+                        "prepare` (no marker file): choose a new folder or empty it")
+    others = sorted(name for name in names if not _written_by_prepare(name))
+    if others:
+        raise UserError(f"--out {out} holds files that `mrcnn data prepare` did not write "
+                        f"({', '.join(others[:3])}): move them away or choose a new folder")
 
 
 def _replace_dir(complete: Path, out: Path) -> None:
