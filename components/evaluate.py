@@ -9,7 +9,8 @@ from trainer.version import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(config_preset: str, config_yaml: str,
              config_overrides: list, limit: int, min_map: float, gate_key: str,
-             num_pictures: int, registered_model_name: str, dataset: Input[Dataset],
+             num_pictures: int, registered_model_name: str, model_alias: str,
+             dataset: Input[Dataset],
              model: Input[Model], mlflow_tracking_uri: str, mlflow_experiment: str,
              metrics: Output[Metrics],
              report: Output[Markdown], pictures: Output[HTML], evaluation: Output[Artifact]):
@@ -23,6 +24,7 @@ def evaluate(config_preset: str, config_yaml: str,
         dataset_dir=dataset.path,
         model_dir=model.path, limit=limit, min_map=min_map, gate_key=gate_key,
         num_pictures=num_pictures, registered_model_name=registered_model_name,
+        model_alias=model_alias,
         out_dir=evaluation.path, markdown_path=report.path, html_path=pictures.path,
         tracking=TrackingSettings.from_env(mlflow_tracking_uri, mlflow_experiment))
     for key in ("bbox_mAP", "bbox_mAP50", "segm_mAP", "segm_mAP50", "voc_mAP50"):

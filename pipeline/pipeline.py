@@ -81,6 +81,7 @@ def mask_rcnn_pipeline(
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "mask-rcnn",
     registered_model_name: str = "mask-rcnn",
+    model_alias: str = "champion",
     min_map: float = 0.0,
     gate_key: str = "segm_mAP",
     evaluation_limit: int = 0,
@@ -94,7 +95,8 @@ def mask_rcnn_pipeline(
     dataset_count: images to read (0 = all; shapes: 500). heads_epochs, total_epochs: the epoch
     each stage stops at; learning rates of 0 mean LEARNING_RATE (heads) and a tenth of it (all).
     min_map: the gate on gate_key that registers the model as registered_model_name ("" = do
-    not register). evaluation_limit: val images to evaluate (0 = all)."""
+    not register); the new version gets the alias model_alias ("champion"), a failed gate
+    leaves the alias where it was. evaluation_limit: val images to evaluate (0 = all)."""
     common = dict(config_preset=config_preset, config_yaml=config_yaml,
                   config_overrides=config_overrides,
                   mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment)
@@ -121,6 +123,7 @@ def mask_rcnn_pipeline(
 
     scores = evaluate(limit=evaluation_limit, min_map=min_map, gate_key=gate_key,
                       num_pictures=num_pictures, registered_model_name=registered_model_name,
+                      model_alias=model_alias,
                       dataset=data.outputs["dataset"], model=all_layers.outputs["model"],
                       **common).set_display_name("evaluate")
     _with_tracking_env(_resources(scores, **DATA_RESOURCES)).set_caching_options(False)

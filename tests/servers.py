@@ -1,4 +1,4 @@
-"""Real servers on 127.0.0.1 for tests: a GCS emulator and a scripted HTTP server.
+"""Real servers on 127.0.0.1 for tests: a GCS emulator, a scripted HTTP server, an MLflow server.
 
 Both are context managers that pick a free port, run in a background thread, and stop on
 exit, so storage, fetch-weights and data tests can share them:
@@ -14,10 +14,16 @@ exit, so storage, fetch-weights and data tests can share them:
 from __future__ import annotations
 
 import contextlib
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from gcp_storage_emulator.server import create_server
@@ -143,3 +149,43 @@ def http_server() -> Iterator[HttpServer]:
         server._httpd.shutdown()
         server._httpd.server_close()
         server._thread.join(timeout=5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path):
+    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts; stopped after."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server",
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--default-artifact-root", "mlflow-artifacts:/",
+               "--artifacts-destination", str(root / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = (root / "server.log").open("wb")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start:\n" +
+                                       (root / "server.log").read_text()[-2000:]) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

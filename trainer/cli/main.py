@@ -185,6 +185,42 @@ def _train(args: argparse.Namespace) -> int:
 _COMMANDS.append(_add_train)
 
 
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="weights -> a TensorFlow SavedModel for serving (TF Serving, KServe, MLflow)",
+        description="Writes a SavedModel whose serving_default signature takes encoded "
+        "JPEG/PNG images and returns boxes in image pixels, class ids and names, scores and "
+        "per-detection masks (see README, Serving).")
+    config_arguments(export)
+    export.add_argument("--weights", required=True,
+                        help="a .h5 file, or 'last': the newest checkpoint in --model-dir")
+    export.add_argument("--model-dir", default="runs", help="where 'last' looks (runs)")
+    export.add_argument("--out", required=True, help="SavedModel folder to write")
+    names = export.add_mutually_exclusive_group()
+    names.add_argument("--data", help="a prepared dataset: class names from its dataset.json")
+    names.add_argument("--class-names", nargs="+", metavar="NAME",
+                       help="NUM_CLASSES names, background first")
+    export.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trainer.data.input import read_dataset_info
+    from trainer.engine.export import export_saved_model
+    from trainer.evaluation.run import resolve_weights
+
+    config = load_config(args)
+    names = args.class_names or (read_dataset_info(args.data)["class_names"] if args.data
+                                 else None)
+    weights = resolve_weights(args.weights, args.model_dir, config)
+    out = export_saved_model(config, weights, args.out, class_names=names)
+    print(f"exported {weights} -> {out} (signature serving_default)")
+    return 0
+
+
+_COMMANDS.append(_add_export)
+
+
 _COMMANDS.append(add_pipeline)  # defined in trainer.cli.pipeline
 
 

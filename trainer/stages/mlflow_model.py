@@ -1,56 +1,37 @@
-"""The registered model: a checkpoint and its config as an MLflow pyfunc model.
+"""Logging the MLflow model: the exported SavedModel with `serving_model.py` as its code.
 
-    model = mlflow.pyfunc.load_model("models:/mask-rcnn/3")
-    detections = model.predict([image])   # uint8 [H, W, 3] arrays -> matterport's dicts
+    info = log_serving_model(Path("eval/saved_model"), png_bytes)   # inside an active run
 
-The model's artifacts are the Keras-2 h5 checkpoint (`weights`) and the resolved config
-(`config`, YAML); loading builds the inference model with this package, which the serving
-environment must have installed (it is the pipeline's image).
+The logged model needs nothing of ours to load or serve: MLflow stores `serving_model.py`
+("models from code", no pickle) and the SavedModel folder; its environment lists TensorFlow,
+NumPy, pandas and MLflow at this process's versions. It carries a signature (a binary column
+`image`) and an input example (one encoded image), so `mlflow models serve` and the registry UI
+know what a request looks like.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow.pyfunc
+import mlflow
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
 
 MODEL_NAME = "model"  # the logged model's name inside its run
+SERVING_CODE = Path(__file__).with_name("serving_model.py")
+SAVED_MODEL = "saved_model"  # the artifact key serving_model.py loads the SavedModel from
 
 
-class MaskRCNNModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: `predict(images)` runs `MaskRCNN.detect` on a list of images."""
-
-    def load_context(self, context) -> None:
-        # Imported when MLflow loads the model, not when the pipeline logs it.
-        from trainer.config import Config
-        from trainer.engine.maskrcnn import MaskRCNN
-
-        config = Config.from_yaml(context.artifacts["config"])
-        self.model = MaskRCNN("inference", config)
-        self.model.load_weights(context.artifacts["weights"], by_name=True)
-
-    def predict(self, context, model_input, params=None):  # no hints: MLflow would validate
-        import numpy as np
-
-        return self.model.detect([np.asarray(image, dtype=np.uint8) for image in model_input])
-
-
-def log_pyfunc_model(weights: str | Path, config_yaml: str):
-    """Logs the model into the active run; returns MLflow's ModelInfo (model_uri, model_id)."""
-    import tempfile
-
-    from trainer.version import __version__
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = Path(tmp) / "config.yaml"
-        config_path.write_text(config_yaml)
-        return mlflow.pyfunc.log_model(
-            # Models from code: MLflow stores this file and runs it on load (no pickle).
-            name=MODEL_NAME, python_model=__file__,
-            artifacts={"weights": str(weights), "config": str(config_path)},
-            # Listing the requirement skips MLflow's slow inference of the environment.
-            pip_requirements=[f"mask-rcnn-pipeline=={__version__}"])
-
-
-# For models from code: loading this file tells MLflow which model it defines.
-mlflow.models.set_model(MaskRCNNModel())
+def log_serving_model(saved_model: str | Path, example_image: bytes):
+    """Logs the SavedModel into the active run; returns MLflow's ModelInfo (model_uri, ...)."""
+    return mlflow.pyfunc.log_model(
+        name=MODEL_NAME, python_model=str(SERVING_CODE),
+        artifacts={SAVED_MODEL: str(saved_model)},
+        signature=ModelSignature(inputs=Schema([ColSpec("binary", "image")])),
+        input_example=pd.DataFrame({"image": [example_image]}),
+        # Listing the requirements skips MLflow's slow inference of the environment.
+        pip_requirements=[f"tensorflow=={tf.__version__}", f"numpy=={np.__version__}",
+                          f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"])

@@ -273,25 +273,32 @@ class StageTracker:
             self._call(f"upload {artifact_file}", self.client.log_text, self.run_id, text,
                        artifact_file)
 
-    def register_model(self, weights: str | Path, config_yaml: str, name: str) -> str | None:
-        """Logs `weights` and the config as a pyfunc model of this run and registers it as a
-        new version of `name`; returns the version (None when tracking is off or failed)."""
+    def register_model(self, saved_model: str | Path, example_image: bytes, name: str, *,
+                       alias: str = "", tags: Mapping[str, Any] | None = None) -> str | None:
+        """Logs the exported SavedModel as this run's MLflow model (see `mlflow_model`),
+        registers it as a new version of `name` tagged with `tags` and the pipeline run id,
+        and points `alias` (e.g. "champion") at it. Returns the version (None when tracking
+        is off or failed)."""
         if self.run_id is None:
             return None
 
         def register() -> str:
-            # Lazy: mlflow.pyfunc is heavy, and only the evaluate stage registers a model.
+            # Lazy: TensorFlow and mlflow.pyfunc are heavy; only the evaluate stage registers.
             import mlflow
 
-            from trainer.stages.mlflow_model import log_pyfunc_model
+            from trainer.stages.mlflow_model import log_serving_model
 
             mlflow.set_tracking_uri(self.uri)
             mlflow.set_registry_uri(self.uri)
             with mlflow.start_run(run_id=self.run_id):
-                info = log_pyfunc_model(weights, config_yaml)
-            version = mlflow.register_model(
-                info.model_uri, name, tags={PIPELINE_RUN_TAG: self.settings.pipeline_run_id})
-            return str(version.version)
+                info = log_serving_model(saved_model, example_image)
+            version_tags = {PIPELINE_RUN_TAG: self.settings.pipeline_run_id,
+                            **{k: str(v) for k, v in (tags or {}).items()}}
+            version = str(mlflow.register_model(info.model_uri, name,
+                                                tags=version_tags).version)
+            if alias:
+                self.client.set_registered_model_alias(name, alias, version)
+            return version
 
         version = self._call(f"register model {name!r}", register)
         if version is not None:
