@@ -14,6 +14,8 @@ exit, so storage, fetch-weights and data tests can share them:
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -188,4 +190,39 @@ def mlflow_server(root: Path):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+        log.close()
+
+
+@contextlib.contextmanager
+def mlflow_model_server(model_uri: str, tracking_uri: str, root: Path):
+    """`mlflow models serve -m MODEL_URI --env-manager local` on 127.0.0.1; yields its URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
+               "local", "--host", "127.0.0.1", "--port", str(port)]
+    log = (root / "serve.log").open("wb")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow models serve did not start:\n" +
+                                       (root / "serve.log").read_text()[-3000:]) from None
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the CLI runs uvicorn as a child
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
         log.close()

@@ -1,18 +1,21 @@
 """The Kubeflow pipeline: the committed package, its cluster settings, the submit arguments, and
 runs through KFP's local runner (`mrcnn run`) against a real MLflow server."""
 
+import base64
 import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from pipeline import submit
 from pipeline.params import parse_params
-from tests.servers import mlflow_server
+from tests.servers import mlflow_model_server, mlflow_server
 from trainer.errors import UserError
 from trainer.stages.train import resolve_init
 
@@ -191,6 +194,18 @@ def test_the_heads_stage_loads_fetched_weights_or_starts_from_random(tmp_path, d
 # === Local runs (kfp.local) ===
 
 
+def saved_model_detections(path: Path, image: bytes) -> dict:
+    import tensorflow as tf
+
+    out = tf.saved_model.load(str(path)).signatures["serving_default"](
+        images=tf.constant([image]))
+    count = int(out["num_detections"][0])
+    return {"boxes": out["boxes"][0][:count].numpy().tolist(),
+            "scores": out["scores"][0][:count].numpy().tolist(),
+            "class_ids": out["class_ids"][0][:count].numpy().tolist(),
+            "class_names": [n.decode() for n in out["class_names"][0][:count].numpy()]}
+
+
 def mrcnn_run(workdir: Path, *args: str, uri: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -274,10 +289,33 @@ def test_the_whole_pipeline_runs_locally_and_tracks_every_stage_in_mlflow(tmp_pa
         assert {"evaluation/metrics.json", "evaluation/report.md"} <= artifacts["evaluate"]
         assert any(p.startswith("evaluation/pictures/") for p in artifacts["evaluate"])
 
-        # registered when the gate passes, from the evaluate run
+        # registered when the gate passes, from the evaluate run, aliased champion
         [version] = client.search_model_versions("name = 'mask-rcnn'")
         assert version.run_id == runs["evaluate"].info.run_id
         assert parent.data.tags["registered_model"] == f"mask-rcnn/{version.version}"
+        assert client.get_model_version_by_alias("mask-rcnn", "champion").version == \
+            version.version
+        assert version.tags["pipeline_run_id"] == summary["pipeline_run_id"]
+        assert set(EVALUATION) <= set(version.tags)
+
+        # the champion serves over REST what the exported SavedModel detects
+        [saved_model] = (tmp_path / "work" / "kfp").glob(
+            "mask-rcnn-*/evaluate/evaluation/saved_model")
+        image = next((tmp_path / "work").glob("**/evaluation/pictures/*.png")).read_bytes()
+        with mlflow_model_server("models:/mask-rcnn@champion", url,
+                                 tmp_path / "serve") as model_url:
+            request = {"dataframe_split": {"columns": ["image"],
+                                           "data": [[base64.b64encode(image).decode()]]}}
+            response = urllib.request.urlopen(urllib.request.Request(
+                f"{model_url}/invocations", data=json.dumps(request).encode(),
+                headers={"Content-Type": "application/json"}), timeout=120)
+            [served] = json.loads(response.read())["predictions"]
+        direct = saved_model_detections(saved_model, image)
+        assert served["class_ids"] == direct["class_ids"]
+        assert served["class_names"] == direct["class_names"]
+        assert np.allclose(served["boxes"], direct["boxes"], atol=0.5)
+        assert np.allclose(served["scores"], direct["scores"], atol=1e-4)
+        assert len(served["masks"]) == len(served["scores"])
 
     # KFP's own outputs: the metrics artifact of evaluate, the reports
     [output] = (tmp_path / "work" / "kfp").glob("mask-rcnn-*/evaluate/executor_output.json")

@@ -316,3 +316,19 @@ def test_shapes_category_subset_renumbers_classes(tmp_path: Path) -> None:
     without = [i for i in range(8) if 2 not in shapes.generate_sample(i, 64, 64).class_ids]
     assert circles == 8 - len(without) > 0
     assert summary["skipped_counts"] == ({coco.NO_OBJECTS: len(without)} if without else {})
+
+
+def test_masks_decode_to_0_and_1_as_model_garden_decodes_them(tmp_path: Path) -> None:
+    """Model Garden's decoder: decode_png(channels=1, dtype=uint8), values used as they are."""
+    import tensorflow as tf
+
+    summary = prepare_dataset("shapes", tmp_path / "out", count=4, image_size=64, **QUIET)
+    shard = tmp_path / "out" / summary["splits"]["train"]["shards"][0]
+    values, objects = set(), 0
+    for record in tf.data.TFRecordDataset(str(shard)):
+        example = tf.train.Example.FromString(record.numpy())
+        for png in example.features.feature["image/object/mask"].bytes_list.value:
+            mask = tf.io.decode_png(png, channels=1, dtype=tf.uint8).numpy()
+            values |= set(np.unique(mask).tolist())
+            objects += 1
+    assert objects > 0 and values == {0, 1}

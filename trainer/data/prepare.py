@@ -114,9 +114,11 @@ def _read_shapes(context: _ShapesContext, index: int):
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
-    """bool [H, W] -> a 1-bit PNG (TensorFlow's decode_png expands it to 0/255)."""
+    """bool [H, W] -> an 8-bit grayscale PNG of 0/1, as TF Model Garden's converters write
+    masks (its parser feeds the decoded values straight into mask targets; a 1-bit PNG would
+    decode to 0/255 there)."""
     buffer = io.BytesIO()
-    mask_image = Image.fromarray(np.ascontiguousarray(mask, dtype=bool))
+    mask_image = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L")
     mask_image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
