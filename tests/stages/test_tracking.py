@@ -134,3 +134,24 @@ def test_settings_from_env_take_the_kfp_run_id(monkeypatch):
     assert found == TrackingSettings("sqlite:///x.db", "exp", "0b5c-run", "local 20250101")
     monkeypatch.delenv(tracking.RUN_ID_ENV)
     assert TrackingSettings.from_env().pipeline_run_id.startswith("unknown-")
+
+
+def test_experiments_are_model_training_and_runs_record_their_dataset(tmp_path):
+    from trainer.data.prepare import prepare_dataset
+
+    data = tmp_path / "data"
+    summary = prepare_dataset("shapes", data, count=3, image_size=64, workers=1,
+                              progress=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = TrackingSettings(uri, "kinds", "pipeline-1")
+    with StageTracker(settings, "train-heads") as tracker:
+        tracker.log_dataset(data, "training")
+        run_id = tracker.run_id
+    assert tracker.failure is None
+    client = tracking.client_for(uri)
+    experiment = client.get_experiment_by_name("kinds")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    [dataset_input] = client.get_run(run_id).inputs.dataset_inputs
+    assert dataset_input.dataset.digest == summary["fingerprint"][-32:]
+    assert dataset_input.dataset.name.startswith("shapes-")
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"

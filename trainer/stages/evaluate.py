@@ -44,6 +44,7 @@ def evaluate_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[
             raise UserError(f"evaluate: no checkpoint (mask_rcnn_*.h5) in {model_dir}")
         tracker.log_config(cfg, {"weights": weights.name, "limit": limit, "min_map": min_map,
                                  "gate_key": gate_key}, pipeline_config)
+        tracker.log_dataset(dataset_dir, "evaluation")
         result = evaluate(cfg, weights, dataset_dir, out_dir, limit=limit or None,
                           min_map=min_map, gate_key=gate_key, num_pictures=num_pictures)
         gate = result["gate"]

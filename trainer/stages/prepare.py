@@ -29,6 +29,7 @@ def prepare_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[s
             options.update(annotations=f"{root}/annotations.json", images=f"{root}/images")
             source = "coco"
         summary = prepare_dataset(source, out_dir, **options)
+        tracker.log_dataset(out_dir, "preparation")
         tracker.log_artifact(Path(out_dir) / "dataset.json", "dataset")
         tracker.log_metrics({f"{split}_images": s["images"]
                              for split, s in summary["splits"].items()})

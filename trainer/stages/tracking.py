@@ -22,6 +22,7 @@ upload cannot touch a checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -35,6 +36,9 @@ PIPELINE_RUN_TAG = "pipeline_run_id"
 ROLE_TAG = "mrcnn.role"
 STAGE_TAG = "mrcnn.stage"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Model training"
+DATASET_CONTEXT_TAG = "mlflow.data.context"
 RUN_ID_ENV = "MRCNN_PIPELINE_RUN_ID"
 RUN_NAME_ENV = "MRCNN_PIPELINE_RUN_NAME"
 DEFAULT_EXPERIMENT = "mask-rcnn"
@@ -109,12 +113,16 @@ def client_for(uri: str):
 
 
 def experiment_id(client, name: str, uri: str) -> str:
-    """The id of experiment `name`, created (with `artifact_location`) when missing."""
+    """The id of experiment `name`, created (with `artifact_location`) when missing, as a
+    model-training experiment: MLflow 3's UI then opens it on its runs, not on GenAI traces."""
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) is None:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # another stage created it at the same moment
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -240,6 +248,28 @@ class StageTracker:
         self.log_params({**config.to_dict(), **params})
         self.log_params((pipeline_config or config).to_dict(), parent=True)
         self.log_text(config.to_yaml(), "config.yaml")
+
+    def log_dataset(self, dataset_dir: str | Path, context: str) -> None:
+        """The prepared dataset as this run's MLflow input (the UI's Dataset column and
+        lineage): named after its source, keyed by dataset.json's fingerprint. `context`:
+        "training", "evaluation" or "preparation"."""
+        if self.run_id is None:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        def log() -> None:
+            info = json.loads((Path(dataset_dir) / "dataset.json").read_text())
+            fingerprint = str(info.get("fingerprint", ""))
+            dataset = Dataset(name=f"{info['source']['name']}-{fingerprint[-8:]}",
+                              digest=fingerprint[-32:],
+                              source_type="local", source=json.dumps(
+                                  {"uri": str(dataset_dir), "source": info.get("source")}),
+                              profile=json.dumps({split: s.get("images") for split, s
+                                                  in info.get("splits", {}).items()}))
+            self.client.log_inputs(self.run_id, datasets=[
+                DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])])
+
+        self._call("log the dataset input", log)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *,
                     parent: bool = False) -> None:

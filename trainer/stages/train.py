@@ -128,6 +128,7 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
                                  "learning_rate": learning_rate_for(cfg, learning_rate,
                                                                     lr_factor),
                                  "init": init, "model_dir": str(model_dir)}, pipeline_config)
+        tracker.log_dataset(dataset_dir, "training")
         loaded_exclude = list(exclude) if init.endswith(WEIGHTS_FILE) else []
         summary = run_training(cfg, dataset_dir, val_data=dataset_dir, init=init,
                                exclude=loaded_exclude, layers=layers, epochs=epochs,
