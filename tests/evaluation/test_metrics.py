@@ -378,3 +378,67 @@ def test_draw_predictions_marks_masks_and_leaves_the_rest(tmp_path):
     from PIL import Image
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pred.png")), both)
     assert [p.name for p in tmp_path.iterdir()] == ["pred.png"]
+
+
+def test_the_html_report_is_real_tables_and_inlined_readable_pictures(tmp_path, gt_path):
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    metrics = evaluation.evaluate_detections(gt_path, ground_truth_as_detections(gt_path),
+                                             CLASS_NAMES)
+    verdict = report.gate(metrics, 0.5, "segm_mAP")
+    image = np.full((SIZE, SIZE, 3), 40, dtype=np.uint8)
+    truth = {"rois": np.array([[4, 4, 20, 24]]), "class_ids": np.array([1]),
+             "masks": box_masks([(4, 4, 20, 24)], size=SIZE)}
+    picture = visualize.draw_predictions(image, {**truth, "scores": np.array([0.9])},
+                                         CLASS_NAMES, truth, min_side=384)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    page = report.render_html({**metrics, "gate": verdict, "pictures": ["pictures/a.png"]},
+                              verdict, {"pictures/a.png": buffer.getvalue()})
+
+    class Reader(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.cell, self.images, self.links, self.text = {}, None, [], [], []
+            self.table = None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "table":
+                self.table = self.tables.setdefault(attrs.get("id"), [])
+            elif tag == "tr" and self.table is not None:
+                self.table.append([])
+            elif tag in ("td", "th") and self.table is not None:
+                self.cell = ""
+            elif tag == "img":
+                self.images.append(attrs["src"])
+            for key in ("href", "src"):
+                if key in attrs:
+                    self.links.append(attrs[key])
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th") and self.cell is not None:
+                self.table[-1].append(self.cell.strip())
+                self.cell = None
+            elif tag == "table":
+                self.table = None
+
+        def handle_data(self, data):
+            self.text.append(data)
+            if self.cell is not None:
+                self.cell += data
+
+    reader = Reader()
+    reader.feed(page)
+    assert ["segm_mAP", "1.0000"] in reader.tables["metrics"]
+    assert ["bbox_mAP_large", "n/a"] in reader.tables["metrics"]
+    assert ["triangle", "1.0000", "1.0000", "1.0000", "3", "3"] in reader.tables["per-class"]
+    assert "Quality gate PASSED" in "".join(reader.text)
+    [src] = reader.images
+    assert all(link.startswith("data:") for link in reader.links)  # self-contained
+    shown = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert min(shown.size) >= 384  # a 64 px image is enlarged: labels stay readable

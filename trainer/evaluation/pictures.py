@@ -26,9 +26,13 @@ def class_color(class_id: int) -> tuple[int, int, int]:
     return int(red * 255), int(green * 255), int(blue * 255)
 
 
-def draw_instances(image: np.ndarray, instances: dict, class_names: list[str]) -> np.ndarray:
+def draw_instances(image: np.ndarray, instances: dict, class_names: list[str],
+                   min_side: int = 0) -> np.ndarray:
     """uint8 [H, W, 3] copy of `image` with each instance's mask blended in its class colour,
-    its box outlined, and "name score" (or just the name, without scores) at its top left."""
+    its box outlined, and "name score" (or just the name, without scores) at its top left.
+
+    min_side: a smaller image is first enlarged by a whole factor (pixels repeated) until its
+    shorter side reaches it, so the labels stay readable on small images."""
     image = _check_image(image)
     rois = np.asarray(instances["rois"]).reshape(-1, 4)
     class_ids = np.asarray(instances["class_ids"]).reshape(-1)
@@ -37,6 +41,11 @@ def draw_instances(image: np.ndarray, instances: dict, class_names: list[str]) -
     if masks.shape[:2] != image.shape[:2] or masks.shape[-1] != len(rois):
         raise ValueError(f"masks {masks.shape} do not fit image {image.shape} with "
                          f"{len(rois)} instances (expected [H, W, N])")
+    factor = max(1, -(-min_side // max(min(image.shape[:2]), 1)))
+    if factor > 1:
+        image = image.repeat(factor, axis=0).repeat(factor, axis=1)
+        masks = masks.repeat(factor, axis=0).repeat(factor, axis=1)
+        rois = rois * factor
 
     blended = image.astype(np.float32)
     for i, class_id in enumerate(class_ids):
@@ -60,14 +69,16 @@ def draw_instances(image: np.ndarray, instances: dict, class_names: list[str]) -
 
 
 def draw_predictions(image: np.ndarray, detection: dict, class_names: list[str],
-                     ground_truth: dict | None = None) -> np.ndarray:
+                     ground_truth: dict | None = None, min_side: int = 0) -> np.ndarray:
     """uint8 [H, W, 3] picture of a detection; with `ground_truth` (rois, class_ids, masks),
-    [H, 2W, 3]: predictions on the left, ground truth on the right."""
-    predicted = draw_instances(image, detection, class_names)
+    [H, 2W, 3]: predictions on the left, ground truth on the right (see draw_instances for
+    `min_side`)."""
+    predicted = draw_instances(image, detection, class_names, min_side)
     if ground_truth is None:
         return predicted
     truth = {key: ground_truth[key] for key in ("rois", "class_ids", "masks")}
-    return np.concatenate([predicted, draw_instances(image, truth, class_names)], axis=1)
+    return np.concatenate([predicted, draw_instances(image, truth, class_names, min_side)],
+                          axis=1)
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray) -> None:

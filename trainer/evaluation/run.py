@@ -43,6 +43,7 @@ from trainer.weights.checkpoints import find_last_checkpoint
 
 LAST = "last"
 PICTURES_DIR = "pictures"
+PICTURE_MIN_SIDE = 384  # px: small images are enlarged so the labels can be read
 PICTURE_NAME = re.compile(r"^image-\d+\.png$")
 # Every metric the gate can test: bbox_mAP ... segm_mAP_large, voc_mAP50.
 GATE_KEYS = tuple(f"{t}_m{n}" for t in IOU_TYPES for n in COCO_STAT_NAMES) + ("voc_mAP50",)
@@ -172,5 +173,6 @@ def _save_picture(folder: Path, image_id: int, image: np.ndarray, detection: dic
                   class_names: list[str]) -> str:
     name = f"image-{image_id}.png"
     truth = ground_truth_instances(gt, image_id)
-    save_png(folder / name, draw_predictions(image, detection, class_names, truth))
+    save_png(folder / name, draw_predictions(image, detection, class_names, truth,
+                                             min_side=PICTURE_MIN_SIDE))
     return name

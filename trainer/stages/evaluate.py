@@ -6,8 +6,6 @@ the model registered in MLflow when the gate passes.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +15,7 @@ from PIL import Image
 from trainer.data.input import examples, read_dataset_info
 from trainer.engine.export import export_saved_model
 from trainer.errors import UserError
+from trainer.evaluation.report import render_html
 from trainer.evaluation.run import evaluate
 from trainer.io.atomic import write_atomic
 from trainer.stages.inputs import stage_config
@@ -76,12 +75,8 @@ def _example_image(dataset_dir: str) -> bytes:
 
 
 def _write_reports(report: str, out: Path, result: dict, markdown: Path, page: Path) -> None:
-    """The report as Markdown, and as one HTML page with the pictures inlined (the KFP UI
-    shows both without access to the artifact store's other files)."""
+    """The report as Markdown, and as one self-contained HTML page with real tables and the
+    pictures inlined (the KFP UI shows both without access to the artifact store)."""
     write_atomic(markdown, report)
-    images = "".join(
-        f'<figure><img src="data:image/png;base64,'
-        f'{base64.b64encode((out / name).read_bytes()).decode()}"><figcaption>'
-        f"{html.escape(name)}</figcaption></figure>" for name in result.get("pictures", []))
-    write_atomic(page, f"<!doctype html><html><body><pre>{html.escape(report)}</pre>"
-                 f"{images}</body></html>\n")
+    pictures = {name: (out / name).read_bytes() for name in result.get("pictures", [])}
+    write_atomic(page, render_html(result, result["gate"], pictures))
