@@ -117,14 +117,23 @@ def test_no_tracking_uri_is_reported_not_raised(monkeypatch, capsys):
     assert "no MLflow tracking URI" in capsys.readouterr().err
 
 
-def test_the_epoch_callback_logs_each_epoch_with_its_checkpoint_number(store):
-    with StageTracker(settings(store), "train-all") as tracker:
-        callback = tracking.epoch_metrics_callback(tracker)
+def test_the_epoch_callback_logs_each_epoch_with_its_checkpoint_number(store, tmp_path):
+    run_folder = tmp_path / "checkpoints" / "demo20260101T0000"
+    for split in ("train", "validation"):
+        (run_folder / split).mkdir(parents=True)
+        (run_folder / split / "events.out.tfevents.1.host").write_bytes(b"events")
+    (run_folder / "mask_rcnn_demo_0002.h5").write_bytes(b"not uploaded by the callback")
+    with StageTracker(settings(store), "train-all", system_metrics_seconds=0) as tracker:
+        callback = tracking.epoch_metrics_callback(tracker, tmp_path / "checkpoints")
         callback.on_epoch_end(1, {"loss": 2.5, "mrcnn_mask_loss": 0.5, "val_loss": 3.0})
     client = tracking.client_for(store)
     run = client.get_run(tracker.run_id)
     assert run.data.metrics == {"loss": 2.5, "mrcnn_mask_loss": 0.5, "val_loss": 3.0}
     assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [2]
+    uploaded = {f.path for f in client.list_artifacts(tracker.run_id,
+                                                      "tensorboard/demo20260101T0000/train")}
+    assert uploaded == {"tensorboard/demo20260101T0000/train/events.out.tfevents.1.host"}
+    assert [f.path for f in client.list_artifacts(tracker.run_id)] == ["tensorboard"]
 
 
 def test_settings_from_env_take_the_kfp_run_id(monkeypatch):
@@ -155,3 +164,16 @@ def test_experiments_are_model_training_and_runs_record_their_dataset(tmp_path):
     assert dataset_input.dataset.digest == summary["fingerprint"][-32:]
     assert dataset_input.dataset.name.startswith("shapes-")
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
+
+
+def test_stage_runs_record_system_metrics(tmp_path):
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with StageTracker(TrackingSettings(uri, "system", "pipeline-1"), "train-all",
+                      system_metrics_seconds=0.5) as tracker:
+        time.sleep(2.0)
+    assert tracker.failure is None
+    metrics = tracking.client_for(uri).get_run(tracker.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics
+    assert metrics["system/system_memory_usage_megabytes"] > 0

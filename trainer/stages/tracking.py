@@ -39,6 +39,7 @@ PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the UI's "Model training"
 DATASET_CONTEXT_TAG = "mlflow.data.context"
+SYSTEM_METRICS_SECONDS = 10.0  # sampling period of the system/* metrics
 RUN_ID_ENV = "MRCNN_PIPELINE_RUN_ID"
 RUN_NAME_ENV = "MRCNN_PIPELINE_RUN_NAME"
 DEFAULT_EXPERIMENT = "mask-rcnn"
@@ -167,10 +168,13 @@ class StageTracker:
 
     Every method is safe to call when tracking is off or broken (it does nothing then)."""
 
-    def __init__(self, settings: TrackingSettings, stage: str, *, enabled: bool = True):
+    def __init__(self, settings: TrackingSettings, stage: str, *, enabled: bool = True,
+                 system_metrics_seconds: float = SYSTEM_METRICS_SECONDS):
         self.settings = settings
         self.stage = stage
         self.enabled = enabled
+        self.system_metrics_seconds = system_metrics_seconds
+        self.system_metrics = None
         self.uri = ""
         self.client = None
         self.experiment_id: str | None = None
@@ -210,11 +214,27 @@ class StageTracker:
         if self.run_id:
             print(f"MLflow: run {self.run_id} ({self.stage}) under parent {self.parent_id} at "
                   f"{self.uri}", flush=True)
+            self._call("start system metrics", self._start_system_metrics)
+
+    def _start_system_metrics(self) -> None:
+        """CPU, memory, disk and network (and GPU, when nvidia-ml-py finds one) as the run's
+        `system/*` metrics, sampled in a background thread (MLflow's own monitor)."""
+        if self.system_metrics_seconds <= 0:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.system_metrics = SystemMetricsMonitor(
+            self.run_id, sampling_interval=self.system_metrics_seconds,
+            tracking_uri=self.uri)
+        self.system_metrics.start()
 
     def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
         """Ends the stage run; a failure also marks the parent run FAILED, with the reason."""
         if self.run_id is None:
             return
+        if self.system_metrics is not None:
+            self._call("stop system metrics", self.system_metrics.finish)
+            self.system_metrics = None
         if error is not None:
             reason = f"{type(error).__name__}: {error}"[:5000]
             self._call("record the failure", self.client.set_tag, self.run_id, "error", reason)
@@ -298,6 +318,14 @@ class StageTracker:
         upload = (self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact)
         self._call(f"upload {path}", upload, self.run_id, str(path), artifact_path)
 
+    def log_tensorboard(self, root: str | Path) -> None:
+        """TensorBoard event files `root/<run folder>/<train|validation>/events.out.tfevents*`
+        as artifacts `tensorboard/<run folder>/<train|validation>/` (uploaded again as they
+        grow)."""
+        for events in sorted(Path(root).glob("*/*/events.out.tfevents*")):
+            self.log_artifact(events, f"tensorboard/{events.parent.parent.name}/"
+                                      f"{events.parent.name}")
+
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.run_id is not None:
             self._call(f"upload {artifact_file}", self.client.log_text, self.run_id, text,
@@ -356,9 +384,11 @@ class StageTracker:
               flush=True)
 
 
-def epoch_metrics_callback(tracker: StageTracker):
+def epoch_metrics_callback(tracker: StageTracker, tensorboard_root: str | Path | None = None):
     """A Keras callback logging each epoch's logs (loss, rpn_class_loss, ..., val_*) to the
-    stage run with step = the epoch just completed (1-based, the checkpoint's number). It
+    stage run with step = the epoch just completed (1-based, the checkpoint's number), and
+    the TensorBoard event files under `tensorboard_root` (the stage's checkpoint folder) as
+    artifacts `tensorboard/<run folder>/<train|validation>`, so they outlive the volume. It
     never raises: a broken server ends tracking, not training."""
     import keras  # here only: `pipeline` imports this module and starts without TensorFlow
 
@@ -367,6 +397,8 @@ def epoch_metrics_callback(tracker: StageTracker):
             tracker.log_metrics({k: v for k, v in (logs or {}).items()
                                  if isinstance(v, (int, float)) or hasattr(v, "__float__")},
                                 step=epoch + 1)
+            if tensorboard_root is not None:
+                tracker.log_tensorboard(tensorboard_root)
 
     return EpochMetrics()
 

@@ -134,7 +134,8 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
                                exclude=loaded_exclude, layers=layers, epochs=epochs,
                                learning_rate=learning_rate, lr_factor=lr_factor,
                                model_dir=model_dir,
-                               custom_callbacks=[epoch_metrics_callback(tracker)], verbose=2)
+                               custom_callbacks=[epoch_metrics_callback(tracker, model_dir)], verbose=2)
+        tracker.log_tensorboard(model_dir)  # the last epoch's events, flushed now
         if not summary["checkpoint"]:
             raise UserError(f"{stage}: no checkpoint was written (epochs={epochs} is not past "
                             f"the starting epoch {summary['start_epoch']})")
