@@ -133,8 +133,8 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
         summary = run_training(cfg, dataset_dir, val_data=dataset_dir, init=init,
                                exclude=loaded_exclude, layers=layers, epochs=epochs,
                                learning_rate=learning_rate, lr_factor=lr_factor,
-                               model_dir=model_dir,
-                               custom_callbacks=[epoch_metrics_callback(tracker, model_dir)], verbose=2)
+                               model_dir=model_dir, verbose=2,
+                               custom_callbacks=[epoch_metrics_callback(tracker, model_dir)])
         tracker.log_tensorboard(model_dir)  # the last epoch's events, flushed now
         if not summary["checkpoint"]:
             raise UserError(f"{stage}: no checkpoint was written (epochs={epochs} is not past "
