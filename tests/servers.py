@@ -68,6 +68,74 @@ def gcs_emulator() -> Iterator[GcsEmulator]:
         server.stop()
 
 
+@dataclass
+class CuttingProxy:
+    """A TCP proxy in front of a server; `url` replaces the server's. It counts the bytes the
+    server sends through it, and drops the first connection once that connection has carried
+    `cut_after` bytes towards the client (a link lost mid-download). The server's own address
+    in what it sends (the emulator's mediaLink) is rewritten to the proxy's, so links lead
+    back through the proxy."""
+
+    url: str
+    served: int = 0
+    cuts: int = 0
+
+
+@contextlib.contextmanager
+def cutting_proxy(upstream_url: str, cut_after: int) -> Iterator[CuttingProxy]:
+    upstream = upstream_url.removeprefix("http://")
+    host, port = upstream.rsplit(":", 1)
+    while True:  # a port of the same width: rewriting the address keeps every length
+        listener = socket.create_server(("127.0.0.1", 0))
+        if len(str(listener.getsockname()[1])) == len(port):
+            break
+        listener.close()
+    proxy = CuttingProxy(url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+    rewrite = (upstream.encode(), proxy.url.removeprefix("http://").encode())
+    lock = threading.Lock()
+
+    def pump(source: socket.socket, sink: socket.socket, to_client: bool) -> None:
+        carried = 0
+        try:
+            while data := source.recv(65536):
+                if to_client:
+                    data = data.replace(*rewrite)
+                with lock:
+                    if to_client and proxy.cuts == 0 and carried + len(data) > cut_after:
+                        data = data[: cut_after - carried]
+                        proxy.cuts += 1
+                        cut = True
+                    else:
+                        cut = False
+                    if to_client:
+                        proxy.served += len(data)
+                sink.sendall(data)
+                carried += len(data)
+                if cut:
+                    break
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection((host, int(port)))
+            for args in ((client, server, False), (server, client, True)):
+                threading.Thread(target=pump, args=args, daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield proxy
+    finally:
+        listener.close()
+
+
 # === Scripted HTTP server ===
 
 

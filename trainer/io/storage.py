@@ -38,6 +38,7 @@ T = TypeVar("T")
 
 TIMEOUT_SECONDS = (10.0, 60.0)  # (connect, read between two chunks)
 BACKOFF_SECONDS = 0.5  # pause before the first retry; doubles each retry (at most 30 s)
+GCS_RETRY_SECONDS = 120.0  # the client library's retries of one GCS call give up after this
 
 
 @dataclass(frozen=True)
@@ -166,19 +167,32 @@ def _gcs(uri: str, call: Callable[[Any], T]) -> T:
         raise StorageError(f"no Google Cloud credentials for {uri}: {hint}") from err
 
 
+def _gcs_retry():
+    """google-cloud-storage's own retry policy (transient errors and 408/429/5xx, exponential
+    backoff), bounded so that a dead endpoint fails within GCS_RETRY_SECONDS."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_timeout(GCS_RETRY_SECONDS)
+
+
 def _open_gcs(uri: str) -> _Body:
     bucket, key = _split_gs(uri)
     if not key:
         raise StorageError(f"no object name in {uri}: expected gs://BUCKET/KEY")
-    blob = _gcs(uri, lambda c: c.bucket(bucket).get_blob(key, retry=None, timeout=TIMEOUT_SECONDS))
+    blob = _gcs(uri, lambda c: c.bucket(bucket).get_blob(key, retry=_gcs_retry(),
+                                                         timeout=TIMEOUT_SECONDS))
     if blob is None:
         raise StorageError(f"not found: {uri}")
 
     def copy_to(out: HashingWriter) -> None:
-        # `blob` carries its generation, so this reads the very version measured above; the
-        # raw bytes (no gzip transcoding) are what the crc32c and md5 describe.
-        kwargs = {"raw_download": True, "checksum": None, "retry": None}
-        _gcs(uri, lambda _: blob.download_to_file(out, timeout=TIMEOUT_SECONDS, **kwargs))
+        # The client library retries with its own policy and resumes an interrupted body with
+        # a range request pinned to the generation measured above (`blob` carries it), and
+        # checks crc32c on a whole response; `_verify` checks it again over every byte, which
+        # covers resumed downloads (the library skips the check on partial responses). Raw
+        # bytes (no gzip transcoding) are what the crc32c and md5 describe.
+        _gcs(uri, lambda _: blob.download_to_file(
+            out, raw_download=True, checksum="crc32c", retry=_gcs_retry(),
+            timeout=TIMEOUT_SECONDS))
 
     checksums = {"crc32c": blob.crc32c, "md5": blob.md5_hash}
     return _Body(
@@ -285,7 +299,8 @@ def download(
             store_cached(cache_entry(cache, source, version), dest, writer.sha256)
         return DownloadResult(source, dest, writer.bytes, writer.sha256, False)
 
-    return _with_retries(attempt, retries, backoff_seconds)
+    # gs:// is retried (and resumed) inside the client library; only http(s) is retried here.
+    return _with_retries(attempt, 0 if source.startswith("gs://") else retries, backoff_seconds)
 
 
 def upload(path: str | Path, dest_uri: str, *, retries: int = 4) -> str:
