@@ -159,6 +159,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--learning-rate", type=float, default=0.0,
                        help="default (0): the config's LEARNING_RATE")
     train.add_argument("--model-dir", default="runs", help="where run folders go (runs)")
+    train.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N "
+                       "checkpoints of the run folder (default: keep all, as matterport)")
     train.add_argument("--augmentation", help="augmentation spec: YAML/JSON text or a file")
     train.add_argument("--no-augmentation-sources", nargs="*", default=None, metavar="SOURCE")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -174,7 +176,7 @@ def _train(args: argparse.Namespace) -> int:
         exclude=args.exclude, layers=args.layers, epochs=args.epochs,
         learning_rate=args.learning_rate, model_dir=args.model_dir,
         augmentation=args.augmentation, no_augmentation_sources=args.no_augmentation_sources,
-        verbose=2 if args.json else 1)
+        verbose=2 if args.json else 1, keep_last=args.keep_last)
     if args.json:
         print_json(summary)
     else:
