@@ -226,13 +226,23 @@ _COMMANDS.append(_add_run)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    action = getattr(args, f"{args.command}_command", None)
+    command = f"mrcnn {args.command}" + (f" {action}" if action else "")
     try:
         return int(args.handler(args) or 0)
     except UserError as err:
-        print(f"mrcnn {args.command}: error: {err}", file=sys.stderr)
+        print(f"{command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno is None:  # not the file system's answer: a bug, keep its traceback
+            raise
+        # A path that cannot be read or written, a full disk: the user's to fix.
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"{command}: error: {err.strerror or err}{where}: check the path, its "
+              "permissions and the free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mrcnn {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
 
