@@ -168,6 +168,15 @@ def _encode_task(job: _Job, task) -> dict:
     return result
 
 
+def _crashed(job: _Job, task) -> dict:
+    """The result of a task whose worker process died decoding it: skipped, with the reason."""
+    name = coco.record_name(task.image) if job.source == "coco" else f"shapes-{task:06d}.png"
+    detail = ("the process decoding it died (a native crash in an image or mask decoder, or "
+              "out of memory); the run continued without it")
+    return {"name": name, "issues": [coco.Issue(name, coco.DECODER_CRASHED, detail)],
+            "fields": None}
+
+
 # === Parent side: write shards, COCO json and dataset.json ===
 
 
@@ -308,7 +317,10 @@ def _write_dataset(tmp: Path, job: _Job, tasks: Iterator, total: int | None, des
     bar = Progress("prepare", total, settings["progress"])
     done = skipped_images = 0
     encode = functools.partial(_encode_task, job)
-    for result in ordered_results(encode, tasks, settings["workers"]):
+    # COCO records go through native decoders (PIL, pycocotools): each runs in a worker
+    # process, even with one worker, so that a crash costs one record, not the run.
+    on_crash = functools.partial(_crashed, job) if source == "coco" else None
+    for result in ordered_results(encode, tasks, settings["workers"], on_crash):
         issues.extend(result["issues"])
         done += 1
         if result["fields"] is None:
