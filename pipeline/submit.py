@@ -9,14 +9,27 @@ environment the ConfigMap mask-rcnn-pipeline-config gives the retraining CronJob
 (CONFIG_PRESET, WEIGHTS_SOURCE, DATASET_SOURCE, HEADS_EPOCHS, TOTAL_EPOCHS,
 MLFLOW_EXPERIMENT_NAME, REGISTERED_MODEL_NAME), then from the package's defaults.
 PIPELINE_ROOT and PIPELINE_SERVICE_ACCOUNT set where and as whom the run executes.
+
+Every call to the KFP API goes through `call_api`: an unreachable, refusing (401/403) or
+failing API ends in one UserError line (the CLI exits 2), after bounded retries where a retry
+can help and cannot start a second run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
 
+import kfp
+import kfp_server_api
+import urllib3
 import yaml
 from kfp import compiler
 
@@ -29,6 +42,7 @@ from pipeline.params import (
 )
 from pipeline.pipeline import mask_rcnn_pipeline
 from trainer.errors import UserError
+from trainer.io.atomic import copy_atomic
 
 ENV_PARAMETERS = {
     "CONFIG_PRESET": "config_preset",
@@ -41,11 +55,20 @@ ENV_PARAMETERS = {
     "MIN_MAP": "min_map",
 }
 KFP_EXPERIMENT = "mask-rcnn"
+# Attempts per KFP API call, and the first pause between them (doubling): about a minute in
+# all, what a restarting ml-pipeline Deployment or a port-forward being set up needs.
+API_ATTEMPTS = 5
+API_RETRY_SECONDS = 4.0
+
+T = TypeVar("T")
 
 
 def compile_pipeline(path: str | Path = PACKAGE) -> Path:
-    """Compiles the pipeline into `path` (the committed package by default)."""
-    compiler.Compiler().compile(mask_rcnn_pipeline, str(path))
+    """Compiles the pipeline into `path` (the committed package by default), atomically."""
+    with tempfile.TemporaryDirectory() as folder:  # kfp picks the format from the suffix
+        compiled = Path(folder) / "pipeline.yaml"
+        compiler.Compiler().compile(mask_rcnn_pipeline, str(compiled))
+        copy_atomic(compiled, path)
     return Path(path)
 
 
@@ -60,14 +83,91 @@ def run_arguments(package: str | Path, params: Sequence[str] = (),
     return with_local_preset({**from_env, **parse_params(params, package)})
 
 
-def _client(host: str, namespace: str | None):
+class _Client(kfp.Client):
+    """kfp.Client whose health check asks once: `call_api` retries it and sorts the failures
+    (kfp's own loop sleeps 5 s between five attempts and logs a traceback for each)."""
+
+    def get_kfp_healthz(self, sleep_duration: int = 0):
+        return self._healthz_api.healthz_service_get_healthz()
+
+
+@contextlib.contextmanager
+def _quiet_kfp() -> Iterator[None]:
+    """kfp logs tracebacks and warns about versions on the root logger; the user gets our one
+    line instead."""
     import warnings
 
-    import kfp
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # "only works with KFP v2.0.0-beta.2+"
-        return kfp.Client(host=host, namespace=namespace or "kubeflow")
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, urllib3.exceptions.MaxRetryError) and err.reason is not None:
+        err = err.reason
+    if isinstance(err, kfp_server_api.ApiException):
+        body = err.body.decode(errors="replace") if isinstance(err.body, bytes) else err.body
+        detail = f": {' '.join(str(body).split())[:200]}" if body else ""
+        return f"HTTP {err.status} {err.reason}{detail}"
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def call_api(host: str, what: str, call: Callable[[], T], *, repeatable: bool = True,
+             attempts: int | None = None) -> T:
+    """`call()` against the KFP API at `host`, failures as one UserError line.
+
+    401/403 and other 4xx answers fail at once. Connection failures (nothing reached the
+    API) are retried up to `attempts` times with a doubling pause; so are 5xx/408/429 answers
+    and timeouts when `repeatable` (a call that cannot create a second run if repeated)."""
+    attempts = attempts or API_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        try:
+            with _quiet_kfp():
+                return call()
+        except kfp_server_api.ApiException as err:
+            status = err.status or 0
+            if status in (401, 403):
+                raise UserError(
+                    f"the KFP API at {host} refused to {what} ({_one_line(err)}): check the "
+                    "credentials (KF_PIPELINES_SA_TOKEN_PATH, the ServiceAccount) and its "
+                    "rights on pipelines in --namespace") from None
+            transient = repeatable and (status in (408, 429) or status >= 500)
+            failure: BaseException = err
+        except (urllib3.exceptions.HTTPError, OSError) as err:  # OSError: TimeoutError, ...
+            cause = err.reason if isinstance(err, urllib3.exceptions.MaxRetryError) else err
+            never_sent = isinstance(cause, (urllib3.exceptions.NewConnectionError,
+                                            ConnectionRefusedError))
+            transient, failure = repeatable or never_sent, err
+        if not transient:
+            raise UserError(f"the KFP API at {host} could not {what}: {_one_line(failure)}"
+                            ) from None
+        if attempt == attempts:
+            raise UserError(
+                f"cannot {what}: the KFP API at {host} failed {attempts} times, last with "
+                f"{_one_line(failure)}: check --host and that the API is up (kubectl -n "
+                "kubeflow port-forward service/ml-pipeline 8888:8888)") from None
+        time.sleep(API_RETRY_SECONDS * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _client(host: str, namespace: str | None) -> kfp.Client:
+    try:
+        parsed = urlparse(host)
+        parsed.port  # parsing the port raises for a bad one
+    except ValueError as err:
+        raise UserError(f"--host {host!r} is malformed ({err}): expected "
+                        "http(s)://HOST[:PORT], e.g. http://localhost:8888") from None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UserError(f"--host {host!r} is not an http(s) URL: expected "
+                        "http(s)://HOST[:PORT], e.g. http://localhost:8888")
+    client = call_api(host, "connect", lambda: _Client(host=host,
+                                                       namespace=namespace or "kubeflow"))
+    call_api(host, "answer its health check", client.get_kfp_healthz)
+    return client
 
 
 def submit(host: str, *, package: str | Path = PACKAGE, params: Sequence[str] = (),
@@ -76,10 +176,10 @@ def submit(host: str, *, package: str | Path = PACKAGE, params: Sequence[str] = 
     """Starts one run; returns its id and the arguments sent."""
     arguments = run_arguments(package, params)
     client = _client(host, namespace)
-    result = client.create_run_from_pipeline_package(
+    result = call_api(host, "start a run", lambda: client.create_run_from_pipeline_package(
         str(package), arguments=arguments, run_name=run_name, experiment_name=experiment,
         namespace=namespace, pipeline_root=os.environ.get("PIPELINE_ROOT") or None,
-        service_account=os.environ.get("PIPELINE_SERVICE_ACCOUNT") or None)
+        service_account=os.environ.get("PIPELINE_SERVICE_ACCOUNT") or None), repeatable=False)
     return {"run_id": result.run_id, "arguments": _shown(arguments)}
 
 
@@ -96,13 +196,14 @@ def schedule(host: str, cron: str, *, name: str = "mask-rcnn-retrain",
     cron_expression = " ".join(["0", *fields] if len(fields) == 5 else fields)
     arguments = run_arguments(package, params)
     client = _client(host, namespace)
-    found = client.create_experiment(experiment, namespace=namespace)
-    recurring = client.create_recurring_run(
+    found = call_api(host, "find or create the experiment",
+                     lambda: client.create_experiment(experiment, namespace=namespace))
+    recurring = call_api(host, "create the recurring run", lambda: client.create_recurring_run(
         experiment_id=found.experiment_id, job_name=name, cron_expression=cron_expression,
         max_concurrency=max_concurrency, no_catchup=True, params=arguments,
         pipeline_package_path=str(package),
         pipeline_root=os.environ.get("PIPELINE_ROOT") or None,
-        service_account=os.environ.get("PIPELINE_SERVICE_ACCOUNT") or None)
+        service_account=os.environ.get("PIPELINE_SERVICE_ACCOUNT") or None), repeatable=False)
     return {"recurring_run_id": recurring.recurring_run_id, "cron": cron_expression,
             "arguments": _shown(arguments)}
 

@@ -18,6 +18,7 @@ from pipeline.params import parse_params
 from tests.servers import mlflow_model_server, mlflow_server
 from trainer.errors import UserError
 from trainer.stages.train import resolve_init
+from trainer.weights.h5layout import write_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 MRCNN = [sys.executable, "-m", "trainer.cli"]
@@ -156,8 +157,7 @@ def test_a_retried_train_task_resumes_from_its_own_newest_checkpoint(tmp_path, d
     model_dir = tmp_path / "checkpoints" / "run-1" / "train-all"
     for epoch in (2, 3):
         path = model_dir / "demo20250101T1200" / f"mask_rcnn_demo_{epoch:04d}.h5"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"h5")
+        write_layout(path, {}, keras_version="3")  # resume reads checkpoints' metadata
     heads = tmp_path / "heads-model"
     heads.mkdir()
     (heads / "mask_rcnn_demo_0001.h5").write_bytes(b"heads")
@@ -169,15 +169,16 @@ def test_the_all_layers_stage_continues_the_heads_checkpoint_in_its_own_folder(
         tmp_path, demo_config):
     heads = tmp_path / "heads-model"
     heads.mkdir()
-    (heads / "mask_rcnn_demo_0001.h5").write_bytes(b"heads")
+    write_layout(heads / "mask_rcnn_demo_0001.h5", {}, keras_version="3")
+    original = (heads / "mask_rcnn_demo_0001.h5").read_bytes()
     (heads / "summary.json").write_text(json.dumps(
         {"log_dir": "/elsewhere/train-heads/demo20250101T1200"}))
     model_dir = tmp_path / "train-all"
     init, _ = resolve_init(str(heads), model_dir, demo_config)
     # inside a run folder, so training continues at epoch 1 and writes beside it
     assert init == str(model_dir / "demo20250101T1200" / "mask_rcnn_demo_0001.h5")
-    assert Path(init).read_bytes() == b"heads"
-    assert (heads / "mask_rcnn_demo_0001.h5").read_bytes() == b"heads"  # input untouched
+    assert Path(init).read_bytes() == original
+    assert (heads / "mask_rcnn_demo_0001.h5").read_bytes() == original  # input untouched
     # a retry of this task before its first epoch ends finds the copy: the same start
     assert resolve_init(str(heads), model_dir, demo_config)[0] == "last"
 

@@ -408,7 +408,7 @@ def test_cli_inspect_coco_file(coco_h5: Path, coco_layers: Layers,
     report = json.loads(stdout)
     assert report["ok"] is False
     assert report["mismatched_layers"] == ["mrcnn_bbox_fc", "mrcnn_class_logits", "mrcnn_mask"]
-    assert stderr.startswith("mrcnn weights: error: ") and stderr.count("\n") == 1
+    assert stderr.startswith("mrcnn weights inspect: error: ") and stderr.count("\n") == 1
     assert "mrcnn_class_logits" in stderr and "exclude=" in stderr
 
 
@@ -468,7 +468,7 @@ def test_cli_fetch_failures(case: str, http: HttpServer, demo_h5: bytes, out: Pa
     code, stdout, stderr = run_cli(argv + extra, capsys)
     assert code == 2 and stdout == ""
     error_lines = [line for line in stderr.splitlines() if "error" in line]
-    assert len(error_lines) == 1 and error_lines[0].startswith("mrcnn weights: error: ")
+    assert len(error_lines) == 1 and error_lines[0].startswith("mrcnn weights fetch: error: ")
     assert reason in error_lines[0]
     assert not out.exists()
     leftovers = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
@@ -479,8 +479,8 @@ def test_cli_inspect_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture)
     argv = ["weights", "inspect", str(tmp_path / "nope.h5"), "--config", str(DEMO_CONFIG)]
     code, stdout, stderr = run_cli(argv, capsys)
     assert code == 2 and stdout == ""
-    assert stderr == f"mrcnn weights: error: weights file {tmp_path / 'nope.h5'} does not " \
-                     "exist (or is not a file)\n"
+    assert stderr == f"mrcnn weights inspect: error: weights file {tmp_path / 'nope.h5'} " \
+                     "does not exist (or is not a file)\n"
 
 
 @pytest.mark.parametrize("case", ["sha256", "unreachable", "mismatch"])

@@ -159,6 +159,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--learning-rate", type=float, default=0.0,
                        help="default (0): the config's LEARNING_RATE")
     train.add_argument("--model-dir", default="runs", help="where run folders go (runs)")
+    train.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N "
+                       "checkpoints of the run folder (default: keep all, as matterport)")
     train.add_argument("--augmentation", help="augmentation spec: YAML/JSON text or a file")
     train.add_argument("--no-augmentation-sources", nargs="*", default=None, metavar="SOURCE")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -174,7 +176,7 @@ def _train(args: argparse.Namespace) -> int:
         exclude=args.exclude, layers=args.layers, epochs=args.epochs,
         learning_rate=args.learning_rate, model_dir=args.model_dir,
         augmentation=args.augmentation, no_augmentation_sources=args.no_augmentation_sources,
-        verbose=2 if args.json else 1)
+        verbose=2 if args.json else 1, keep_last=args.keep_last)
     if args.json:
         print_json(summary)
     else:
@@ -260,13 +262,23 @@ _COMMANDS.append(_add_run)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    action = getattr(args, f"{args.command}_command", None)
+    command = f"mrcnn {args.command}" + (f" {action}" if action else "")
     try:
         return int(args.handler(args) or 0)
     except UserError as err:
-        print(f"mrcnn {args.command}: error: {err}", file=sys.stderr)
+        print(f"{command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno is None:  # not the file system's answer: a bug, keep its traceback
+            raise
+        # A path that cannot be read or written, a full disk: the user's to fix.
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"{command}: error: {err.strerror or err}{where}: check the path, its "
+              "permissions and the free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mrcnn {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -43,7 +43,14 @@ BOX_OUTSIDE_IMAGE = "box_outside_image"
 BOX_CLIPPED = "box_clipped"
 ZERO_AREA = "zero_area"
 UNKNOWN_CATEGORY = "unknown_category"
+COORDINATES_OUT_OF_RANGE = "coordinates_out_of_range"
 UNREADABLE_RECORD = "unreadable_record"  # an error no check above foresaw
+DECODER_CRASHED = "decoder_crashed"  # the process decoding it died (a native crash)
+
+# How far outside the image a polygon may reach, in image sizes: annotation tools leave
+# points outside (the object is then clipped or found outside the image); far beyond is
+# garbage, and pycocotools' rasteriser walks every edge pixel by pixel (1e9 crashes it).
+POLYGON_MARGIN = 4.0
 
 SKIPPED, REPAIRED = "skipped", "repaired"
 
@@ -285,7 +292,9 @@ def _read_object(
 def _decode_segmentation(segmentation, height: int, width: int, issue) -> np.ndarray | None:
     """A polygon list, an uncompressed RLE (counts list) or a compressed RLE (counts string)
     -> bool [H, W]. Polygons with fewer than 3 points are dropped (the object with them when
-    none is left)."""
+    none is left). Everything is checked before pycocotools sees it: polygon points within
+    POLYGON_MARGIN image sizes of the image, RLE counts non-negative and summing to H x W
+    (pycocotools trusts both: far points crash it, short counts give uninitialised memory)."""
     try:
         if isinstance(segmentation, list):
             polygons = [p for p in segmentation if isinstance(p, list)]
@@ -300,6 +309,11 @@ def _decode_segmentation(segmentation, height: int, width: int, issue) -> np.nda
             if dropped:
                 issue(POLYGON_TOO_FEW_POINTS, f"dropped {dropped} polygon(s) with fewer than 3 "
                       "points", REPAIRED)
+            far = _point_out_of_range(valid, height, width)
+            if far is not None:
+                issue(COORDINATES_OUT_OF_RANGE, f"polygon point {far} (x, y) lies more than "
+                      f"{POLYGON_MARGIN:g} image size(s) outside the {height}x{width} image")
+                return None
             rle = mask_utils.merge(mask_utils.frPyObjects(valid, height, width))
         elif isinstance(segmentation, dict) and "counts" in segmentation:
             size = [int(v) for v in segmentation.get("size", ())]
@@ -309,9 +323,21 @@ def _decode_segmentation(segmentation, height: int, width: int, issue) -> np.nda
                 return None
             counts = segmentation["counts"]
             if isinstance(counts, list):  # uncompressed RLE, as crowd regions usually are
+                runs = counts
+            elif isinstance(counts, (str, bytes)):
+                counts = counts.encode() if isinstance(counts, str) else counts
+                runs = compressed_rle_counts(counts)
+            else:
+                raise TypeError(f"RLE counts of type {type(counts).__name__}")
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                       for v in runs) or sum(runs) != height * width:
+                total = sum(v for v in runs if isinstance(v, (int, float)))
+                issue(BAD_SEGMENTATION, f"RLE counts are not {len(runs)} non-negative "
+                      f"integers summing to {height}x{width}={height * width} (sum {total})")
+                return None
+            if isinstance(counts, list):
                 rle = mask_utils.frPyObjects(segmentation, height, width)
             else:
-                counts = counts.encode() if isinstance(counts, str) else counts
                 rle = {"size": size, "counts": counts}
         else:
             issue(BAD_SEGMENTATION, f"unsupported segmentation of type "
@@ -321,6 +347,44 @@ def _decode_segmentation(segmentation, height: int, width: int, issue) -> np.nda
     except (TypeError, ValueError, OverflowError) as err:
         issue(BAD_SEGMENTATION, f"{type(err).__name__}: {err}")
         return None
+
+
+def _point_out_of_range(polygons: list[list], height: int, width: int
+                        ) -> tuple[float, float] | None:
+    """The first (x, y) farther than POLYGON_MARGIN image sizes outside the image, or None."""
+    margin_x, margin_y = POLYGON_MARGIN * width, POLYGON_MARGIN * height
+    for polygon in polygons:
+        for x, y in zip(polygon[0::2], polygon[1::2], strict=True):
+            if not (-margin_x <= x <= width + margin_x and -margin_y <= y <= height + margin_y):
+                return (x, y)
+    return None
+
+
+def compressed_rle_counts(counts: bytes) -> list[int]:
+    """The run lengths a COCO compressed RLE string encodes (LEB128-like: 5 bits per char
+    from "0", 0x20 continues, 0x10 on the last char is the sign; from the third run on, each
+    value is a difference to the run two before). Raises ValueError for malformed text."""
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                raise ValueError("compressed RLE ends inside a number")
+            chunk = counts[position] - 48
+            if not 0 <= chunk < 64:
+                raise ValueError(f"byte {counts[position]!r} at {position} is not compressed "
+                                 "RLE text")
+            value |= (chunk & 0x1F) << shift
+            more = bool(chunk & 0x20)
+            position += 1
+            shift += 5
+            if not more and chunk & 0x10:
+                value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
 
 
 def _checked_box(bbox, mask: np.ndarray, height: int, width: int, issue) -> list[float] | None:

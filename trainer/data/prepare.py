@@ -10,12 +10,14 @@ Output folder (DESIGN.md, "Dataset on disk"):
 The run streams: a lazy iterator of small tasks feeds a bounded pool of worker processes that
 read, check and encode one image each; results come back in task order, so the output is
 deterministic for any `workers`. Everything is written to a hidden folder beside `out_dir`
-and renamed into place only when complete.
+and renamed into place only when complete; a killed run's hidden folder is removed by the
+next run (`remove_stale_partials`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import io
@@ -49,6 +51,10 @@ FORMAT_VERSION = 1
 # Written last into every prepared folder: only a folder holding it (and nothing that prepare
 # did not write) is ever replaced by a later prepare.
 MARKER = ".mrcnn-prepared"
+# Inside a partial folder while its run is alive: flocked by the writer (see
+# remove_stale_partials); a partial folder without it is stale after this long unchanged.
+PARTIAL_LOCK = ".lock"
+STALE_PARTIAL_SECONDS = 3600
 SHARD_NAME = re.compile(r"(train|val)-\d{5}-of-\d{5}\.tfrecord")
 # zlib level for the PNGs we encode (generated images, masks): measured on 384 px shapes,
 # level 3 encodes 40% faster than PIL's default 6 for files still a few KB. Lossless either way.
@@ -170,6 +176,15 @@ def _encode_task(job: _Job, task) -> dict:
     return result
 
 
+def _crashed(job: _Job, task) -> dict:
+    """The result of a task whose worker process died decoding it: skipped, with the reason."""
+    name = coco.record_name(task.image) if job.source == "coco" else f"shapes-{task:06d}.png"
+    detail = ("the process decoding it died (a native crash in an image or mask decoder, or "
+              "out of memory); the run continued without it")
+    return {"name": name, "issues": [coco.Issue(name, coco.DECODER_CRASHED, detail)],
+            "fields": None}
+
+
 # === Parent side: write shards, COCO json and dataset.json ===
 
 
@@ -251,14 +266,16 @@ def prepare_dataset(
     job, tasks, total, description, category_list, issues = _plan(source, options)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     tmp.mkdir()
     started = time.monotonic()
     try:
-        with _terminate_as_interrupt():
+        with _terminate_as_interrupt(), _held_lock(tmp / PARTIAL_LOCK):
             summary = _write_dataset(tmp, job, tasks, total, description, category_list,
                                      issues, {**options, "shards": shards, "workers": workers,
                                               "progress": progress})
+            (tmp / PARTIAL_LOCK).unlink()  # still held: gone before the folder is published
             _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -267,6 +284,47 @@ def prepare_dataset(
     done = summary["images_read"]
     return {**summary, "out_dir": str(out), "elapsed_seconds": round(elapsed, 3),
             "images_per_second": round(done / max(elapsed, 1e-9), 2)}
+
+
+@contextlib.contextmanager
+def _held_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created) for the block: the kernel releases it when this
+    process dies in any way, which is how a later run tells a dead run's partial folder from
+    a live one's."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Deletes the hidden `.{out}.partial-*` folders that killed runs (SIGKILL, a lost node)
+    left beside `out`; returns them. A folder is stale when its lock file can be locked (its
+    writer is dead), or, without a lock file (written before locks, or being published),
+    when nothing in it changed for STALE_PARTIAL_SECONDS. A live run's folder is never
+    touched."""
+    removed = []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.partial-[0-9a-f]{{8}}")
+    for folder in out.parent.iterdir() if out.parent.is_dir() else ():
+        if pattern.fullmatch(folder.name) and folder.is_dir() and _abandoned(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _abandoned(folder: Path) -> bool:
+    try:
+        with open(folder / PARTIAL_LOCK, "r+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # its writer is alive
+            return True
+    except FileNotFoundError:
+        newest = max((p.stat().st_mtime for p in folder.iterdir()),
+                     default=folder.stat().st_mtime)
+        return time.time() - newest > STALE_PARTIAL_SECONDS
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -310,7 +368,10 @@ def _write_dataset(tmp: Path, job: _Job, tasks: Iterator, total: int | None, des
     bar = Progress("prepare", total, settings["progress"])
     done = skipped_images = 0
     encode = functools.partial(_encode_task, job)
-    for result in ordered_results(encode, tasks, settings["workers"]):
+    # COCO records go through native decoders (PIL, pycocotools): each runs in a worker
+    # process, even with one worker, so that a crash costs one record, not the run.
+    on_crash = functools.partial(_crashed, job) if source == "coco" else None
+    for result in ordered_results(encode, tasks, settings["workers"], on_crash):
         issues.extend(result["issues"])
         done += 1
         if result["fields"] is None:

@@ -49,7 +49,8 @@ class MaskRCNN:
     def set_log_dir(self, model_path: str | Path | None = None) -> None:
         """Where checkpoints go, and the epoch training continues from (matterport's rule):
         a checkpoint inside a run folder continues that run at its epoch; anything else (no
-        path, released weights) starts a new run folder at epoch 0."""
+        path, released weights) starts a new run folder at epoch 0 (created by train(),
+        with a `_2`... suffix when a run started in the same minute has that name)."""
         self.epoch = 0
         self.resume_from: Path | None = None
         self.log_dir = checkpoints.run_folder(self.model_dir, self.config.NAME)
@@ -79,11 +80,13 @@ class MaskRCNN:
 
     def train(self, train_data, val_data, learning_rate: float, epochs: int, layers: str,
               augmentation=None, custom_callbacks=None, no_augmentation_sources=None,
-              verbose: int = 1):
-        """matterport's train(): see `trainer.engine.training.train`."""
+              verbose: int = 1, keep_last: int | None = None):
+        """matterport's train(): see `trainer.engine.training.train`. keep_last (not in
+        matterport): delete all but the newest `keep_last` checkpoints of the run folder."""
         return training.train(self, train_data, val_data, learning_rate, epochs, layers,
                      augmentation=augmentation, custom_callbacks=custom_callbacks,
-                     no_augmentation_sources=no_augmentation_sources, verbose=verbose)
+                     no_augmentation_sources=no_augmentation_sources, verbose=verbose,
+                     keep_last=keep_last)
 
     def copy_weights_from(self, other: MaskRCNN) -> int:
         """Copies every weight of `other` whose layer exists here by name; returns the count."""

@@ -27,9 +27,12 @@ from trainer.errors import UserError
 from trainer.weights.by_name import save_weights, weight_names
 from trainer.weights.checkpoints import (
     checkpoint_path,
+    create_run_folder,
     epoch_of,
     load_optimizer_state,
     optimizer_path,
+    prune_checkpoints,
+    remove_leftovers,
     save_optimizer_state,
 )
 
@@ -181,25 +184,31 @@ class PreciseBatchNorm(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After every epoch: weights in matterport's h5 layout and the optimizer state beside
-    them, both written atomically. Never writes after the loss went non-finite."""
+    """After every epoch: the optimizer state, then the weights in matterport's h5 layout
+    beside it, each written atomically (a weights file is never without its state). Never
+    writes after the loss went non-finite. keep_last: older checkpoints of the folder are
+    deleted, except `protected` ones (None: all kept, as matterport)."""
 
     def __init__(self, log_dir: Path, name: str, guard: NonFiniteLossGuard,
-                 extra: dict | None = None):
+                 extra: dict | None = None, keep_last: int | None = None,
+                 protected: Sequence[Path] = ()):
         super().__init__()
         self.log_dir, self.name, self.guard = Path(log_dir), name, guard
         self.extra = extra or {}
+        self.keep_last, self.protected = keep_last, tuple(protected)
         self.last_saved: Path | None = None
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.tripped is not None:
             return
         path = checkpoint_path(self.log_dir, self.name, epoch + 1)
-        save_weights(self.model, path, extra_attrs={"epoch": epoch + 1})
         variables = self.model.trainable_variables
         save_optimizer_state(optimizer_path(path), self.model.optimizer, variables,
                              weight_names(self.model, variables), self.extra)
+        save_weights(self.model, path, extra_attrs={"epoch": epoch + 1})
         self.last_saved = path
+        if self.keep_last is not None:
+            prune_checkpoints(self.log_dir, self.name, self.keep_last, self.protected)
 
 
 # === train ===
@@ -228,12 +237,15 @@ def _datasets(model, train_data, val_data, augmentation, no_augmentation_sources
 
 def train(model, train_data, val_data, learning_rate: float, epochs: int, layers: str,
           augmentation=None, custom_callbacks: Sequence[keras.callbacks.Callback] | None = None,
-          no_augmentation_sources: Sequence[str] | None = None, verbose: int = 1):
+          no_augmentation_sources: Sequence[str] | None = None, verbose: int = 1,
+          keep_last: int | None = None):
     """Trains `model` (a training-mode MaskRCNN) from `model.epoch` up to `epochs`.
 
     train_data / val_data: prepared dataset folders (`mrcnn data prepare`) or tf.data.Datasets
-    of batched model inputs. Returns the Keras History (None when there is nothing to do).
-    Raises TrainingDivergedError if the loss becomes non-finite.
+    of batched model inputs. keep_last: keep only the newest `keep_last` checkpoints of the
+    run folder, plus the one a new stage started from (None: keep all, as matterport).
+    Returns the Keras History (None when there is nothing to do). Raises
+    TrainingDivergedError if the loss becomes non-finite.
     """
     if model.mode != "training":
         raise UserError("train() needs a model built with mode='training'")
@@ -244,7 +256,12 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
     regex = resolve_layers(layers)
     train_set, val_set = _datasets(model, train_data, val_data, augmentation,
                                    no_augmentation_sources)
-    model.log_dir.mkdir(parents=True, exist_ok=True)
+    if keep_last is not None and keep_last < 1:
+        raise UserError(f"keep_last must be at least 1 (or None: keep all), got {keep_last}")
+    if model.resume_from is None:  # a new run: a folder of its own, never a concurrent run's
+        model.log_dir = create_run_folder(model.model_dir, config.NAME)
+    for leftover in remove_leftovers(model.log_dir, config.NAME):
+        print(f"Removed {leftover.name}, left by an interrupted checkpoint write")
     print(f"\nStarting at epoch {model.epoch}. LR={learning_rate}\n")
     print(f"Checkpoint Path: {model.log_dir}/mask_rcnn_{config.NAME.lower()}_*epoch*.h5")
     print("Selecting layers to train")
@@ -255,16 +272,20 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
         keras_model.compile(optimizer=optimizer)
         optimizer.build(keras_model.trainable_variables)
         variables = keras_model.trainable_variables
-        if model.resume_from is not None and load_optimizer_state(
-                optimizer_path(model.resume_from), optimizer, variables,
-                weight_names(keras_model, variables)):
+        restored = model.resume_from is not None and load_optimizer_state(
+            optimizer_path(model.resume_from), optimizer, variables,
+            weight_names(keras_model, variables))
+        if restored:
             print(f"Restored optimizer state (iteration {int(optimizer.iterations.numpy())}) "
                   f"from {optimizer_path(model.resume_from)}")
     optimizer.learning_rate.assign(learning_rate)
 
     guard = NonFiniteLossGuard()
+    # A checkpoint whose optimizer state did not restore ended another stage: kept.
+    stage_start = [model.resume_from] if model.resume_from is not None and not restored else []
     checkpoint = EpochCheckpoint(model.log_dir, config.NAME, guard,
-                                 {"layers": regex, "learning_rate": learning_rate})
+                                 {"layers": regex, "learning_rate": learning_rate},
+                                 keep_last=keep_last, protected=stage_start)
     precise_bn = [PreciseBatchNorm(iter(train_set), guard)] if config.TRAIN_BN else []
     callbacks = [guard, *precise_bn, checkpoint,
                  keras.callbacks.TensorBoard(log_dir=str(model.log_dir), write_graph=False),

@@ -2,13 +2,16 @@
 
 A temporary file in the destination's own folder is written, flushed and fsynced, renamed over
 the destination, and the folder is fsynced so the rename survives a crash. On any error the
-temporary file is removed and the destination, present or not, is left as it was.
+temporary file is removed and the destination, present or not, is left as it was. A process
+killed mid-write (SIGKILL, power loss) leaves its temporary file behind: `remove_temporaries`
+deletes such leftovers in a folder that no other process is writing to.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -17,13 +20,16 @@ from typing import BinaryIO
 
 from trainer.errors import StorageError
 
+# `.{dest name}.{8 hex digits}.part`: what atomic_path writes before the rename.
+TEMPORARY_NAME = re.compile(r"^\.(?P<dest>.+)\.[0-9a-f]{8}\.part$")
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """A fresh path beside `dest` for the block to create a file at (for writers that want a
     path, such as h5py); it replaces `dest` only when the block completes."""
     dest = Path(dest)
-    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"  # TEMPORARY_NAME
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -60,6 +66,22 @@ def copy_atomic(src: str | os.PathLike, dest: str | os.PathLike) -> None:
     """A copy of the file `src` at `dest`."""
     with open(src, "rb") as source, atomic_file(dest) as out:
         shutil.copyfileobj(source, out, 1 << 20)
+
+
+def remove_temporaries(folder: str | os.PathLike, dest_pattern: str = ".*") -> list[Path]:
+    """Deletes the temporary files that interrupted atomic writes left in `folder` (those of
+    destinations whose name fully matches `dest_pattern`); returns what was deleted. Only for
+    a folder no other process writes to at the time: a live writer would lose its file."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = TEMPORARY_NAME.match(path.name)
+        if match and re.fullmatch(dest_pattern, match["dest"]) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)
 
 
 def _fsync(path: Path) -> None:

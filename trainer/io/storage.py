@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import ParseResult, urlparse
 from urllib.request import url2pathname
 
 import requests
@@ -59,15 +59,30 @@ class _Transient(Exception):
 # === URIs ===
 
 
+def parse_uri(uri: str | Path) -> ParseResult:
+    """`uri` split into its parts; a StorageError (one line) for a malformed one: a bad
+    IPv6 host or port, or an http(s) URL without a host."""
+    text = str(uri)
+    try:
+        parsed = urlparse(text)
+        parsed.port  # parsing the port raises for a bad one
+    except ValueError as err:
+        raise StorageError(f"malformed URI {text!r} ({err}): expected gs://BUCKET/KEY, "
+                           "https://HOST/PATH, file:///PATH or a path") from err
+    if parsed.scheme in ("http", "https") and not parsed.hostname:
+        raise StorageError(f"no host in {text!r}: expected {parsed.scheme}://HOST/PATH")
+    return parsed
+
+
 def is_remote(uri: str | Path) -> bool:
     """True for gs://, http:// and https:// URIs; False for local paths and file:// URIs."""
-    return urlparse(str(uri)).scheme in ("gs", "http", "https")
+    return parse_uri(uri).scheme in ("gs", "http", "https")
 
 
 def _local_path(uri: str | Path) -> Path:
     """The path a plain local path or a file:// URI names."""
     text = str(uri)
-    parsed = urlparse(text)
+    parsed = parse_uri(text)
     if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
         return Path(url2pathname(parsed.path))
     if len(parsed.scheme) > 1:  # a single letter is a Windows drive
@@ -104,6 +119,9 @@ def _open_http(url: str) -> _Body:
         response = requests.get(url, stream=True, timeout=TIMEOUT_SECONDS, headers=headers)
     except (requests.ConnectionError, requests.Timeout) as err:
         raise _Transient(f"cannot reach {url}: {type(err).__name__}") from err
+    except requests.RequestException as err:  # a malformed URL, too many redirects, ...
+        detail = " ".join(str(err).split())
+        raise StorageError(f"cannot fetch {url}: {type(err).__name__}: {detail}") from err
     if (status := response.status_code) != 200:
         response.close()
         reason = f"HTTP {status} {response.reason} for {url}"
@@ -165,6 +183,8 @@ def _gcs(uri: str, call: Callable[[Any], T]) -> T:
     except auth.DefaultCredentialsError as err:
         hint = "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
         raise StorageError(f"no Google Cloud credentials for {uri}: {hint}") from err
+    except ValueError as err:  # the client library's own checks of names and arguments
+        raise StorageError(f"malformed GCS URI {uri} ({err}): expected gs://BUCKET/KEY") from err
 
 
 def _gcs_retry():

@@ -18,16 +18,22 @@ from pathlib import Path
 import keras
 
 from trainer.config import Config
+from trainer.data.input import check_classes, read_dataset_info, shard_paths
 from trainer.engine.maskrcnn import MaskRCNN
-from trainer.engine.training import learning_rate_for
+from trainer.engine.training import learning_rate_for, resolve_layers
 from trainer.errors import UserError
 from trainer.io.atomic import copy_atomic, write_atomic
 from trainer.stages.fetch import WEIGHTS_FILE
 from trainer.stages.inputs import stage_config
 from trainer.stages.tracking import StageTracker, TrackingSettings, epoch_metrics_callback
 from trainer.weights import checkpoints
+from trainer.weights.h5layout import read_layout
 
 SUMMARY_FILE = "summary.json"
+# Checkpoints a pipeline train task keeps in its run folder: the newest two (the stage's
+# final among them) plus the previous stage's final it started from. A COCO resnet101 run
+# of 40+120 epochs kept ~75 GB when every epoch stayed.
+PIPELINE_KEEP_LAST = 2
 
 
 def run_training(config: Config, data: str | Path, *, val_data: str | Path | None = None,
@@ -36,30 +42,41 @@ def run_training(config: Config, data: str | Path, *, val_data: str | Path | Non
                  model_dir: str | Path = "runs", augmentation=None,
                  no_augmentation_sources: Sequence[str] | None = None,
                  custom_callbacks: Sequence[keras.callbacks.Callback] | None = None,
-                 verbose: int = 1) -> dict:
+                 verbose: int = 1, keep_last: int | None = None) -> dict:
     """One training stage, as `mrcnn train` and the pipeline run it.
 
     init: "none" (random initialisation), "last" (the newest checkpoint of config.NAME in
     model_dir: resumes it) or a weights path (loaded by name, `exclude` skipped; a checkpoint
     of ours continues its run and epoch count). learning_rate 0: the config's default (see
-    `learning_rate_for`). Returns a JSON-ready summary.
+    `learning_rate_for`). keep_last: keep only the newest checkpoints of the run folder
+    (None: all). Returns a JSON-ready summary.
     """
+    # Every input is checked before the model is built: a bad one fails in seconds, not after
+    # minutes of graph building on a GPU node (and a pipeline retry fails as fast).
     if epochs < 1:
         raise UserError(f"epochs must be at least 1, got {epochs}")
-    for folder in (data, val_data):
-        if folder is not None and "://" not in str(folder) and \
-                not (Path(folder) / "dataset.json").is_file():
+    if keep_last is not None and keep_last < 1:
+        raise UserError(f"keep_last must be at least 1 (or none: keep all), got {keep_last}")
+    resolve_layers(layers)
+    for folder, split in ((data, "train"), (val_data, "val")):
+        if folder is None:
+            continue
+        if "://" not in str(folder) and not (Path(folder) / "dataset.json").is_file():
             raise UserError(f"{folder} is not a prepared dataset (no dataset.json): run "
                             "`mrcnn data prepare` first")
+        info = read_dataset_info(str(folder))
+        check_classes(str(folder), info, config)
+        shard_paths(str(folder), split, info)
     rate = learning_rate_for(config, learning_rate, lr_factor)
-    model = MaskRCNN("training", config, model_dir=model_dir)
     loaded = None
     if init == "last":
-        loaded = model.find_last()
+        loaded = checkpoints.find_last_checkpoint(model_dir, config.NAME)
     elif init != "none":
         loaded = Path(init)
         if not loaded.is_file():
             raise UserError(f"--init {init}: no such weights file (use none, last or a path)")
+        read_layout(loaded)  # a file that is not a weights file fails here, before the model
+    model = MaskRCNN("training", config, model_dir=model_dir)
     if loaded is not None:
         model.load_weights(loaded, by_name=True, exclude=exclude)
         print(f"Loaded {loaded}: continuing at epoch {model.epoch}")
@@ -67,7 +84,8 @@ def run_training(config: Config, data: str | Path, *, val_data: str | Path | Non
     history = model.train(data, val_data, learning_rate=rate, epochs=epochs,
                           layers=layers, augmentation=augmentation,
                           custom_callbacks=custom_callbacks,
-                          no_augmentation_sources=no_augmentation_sources, verbose=verbose)
+                          no_augmentation_sources=no_augmentation_sources, verbose=verbose,
+                          keep_last=keep_last)
     return {
         "init": str(loaded) if loaded is not None else "none",
         "layers": layers,
@@ -114,7 +132,7 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
                 gpu_count: int, stage: str, layers: str, epochs: int, learning_rate: float,
                 lr_factor: float, dataset_dir: str, init_dir: str | None,
                 exclude: Sequence[str], checkpoint_root: str, out_dir: str,
-                tracking: TrackingSettings) -> dict:
+                tracking: TrackingSettings, keep_last: int | None = PIPELINE_KEEP_LAST) -> dict:
     """The pipeline's train task. learning_rate 0 means LEARNING_RATE x lr_factor (matterport
     trains all layers at a tenth of the heads' rate). Returns the last epoch's logs as
     `metrics` and the checkpoint's name and epoch."""
@@ -133,7 +151,7 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
         summary = run_training(cfg, dataset_dir, val_data=dataset_dir, init=init,
                                exclude=loaded_exclude, layers=layers, epochs=epochs,
                                learning_rate=learning_rate, lr_factor=lr_factor,
-                               model_dir=model_dir, verbose=2,
+                               model_dir=model_dir, verbose=2, keep_last=keep_last,
                                custom_callbacks=[epoch_metrics_callback(tracker, model_dir)])
         tracker.log_tensorboard(model_dir)  # the last epoch's events, flushed now
         if not summary["checkpoint"]:

@@ -9,7 +9,10 @@ Layout (all strings stored as bytes):
 Full-model files keep the same tree (and the root attributes) under a `model_weights` group.
 Layers without weights are listed in `layer_names` with an empty `weight_names`.
 
-Only h5py datasets and attributes are read: nothing in the file is executed or unpickled.
+Only h5py datasets and attributes are read: nothing in the file is executed or unpickled, and
+nothing outside it is read: external storage, virtual datasets, external and soft links are
+refused (a dataset's bytes could otherwise come from any local file), as are names that are
+not UTF-8.
 This module knows nothing about Keras models; `trainer.weights.by_name` maps a layout onto a model.
 """
 
@@ -68,8 +71,41 @@ class FileLayout:
 def _text(value: object) -> str:
     """An attribute value written as bytes (Keras 2) or as a str (h5py vlen) -> str."""
     if isinstance(value, (bytes, np.bytes_)):
-        return bytes(value).decode("utf-8")
+        return bytes(value).decode("utf-8")  # UnicodeDecodeError: see _damaged
     return str(value)
+
+
+def _member(group: h5py.Group, name: str, path: str) -> h5py.Group | h5py.Dataset | None:
+    """`group[name]` when it is stored in this file itself; None when absent. Anything that
+    would make h5py read another file or place refuses the whole file."""
+    link = group.get(name, getlink=True)
+    if link is None:
+        return None
+    where = f"{group.name.rstrip('/')}/{name}"
+    if not isinstance(link, h5py.HardLink):
+        kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
+        raise WeightsFileError(_refused(path, f"{where} is {kind}"))
+    member = group[name]
+    if isinstance(member, h5py.Dataset):
+        if member.is_virtual:
+            raise WeightsFileError(_refused(path, f"{where} is a virtual dataset"))
+        if member.external:
+            raise WeightsFileError(_refused(path, f"{where} uses external storage"))
+    return member
+
+
+def _refused(path: str, what: str) -> str:
+    return (f"{path} is refused: {what}, whose data would be read from outside the file; "
+            "weights files must hold their arrays themselves (save it again with "
+            "trainer.weights.by_name.save_weights or h5py without links)")
+
+
+def _damaged(path: str, err: Exception) -> str:
+    """The one-line reason for metadata that cannot be read (corrupt, or names not UTF-8)."""
+    if isinstance(err, UnicodeDecodeError):
+        return (f"{path} has a layer or weight name that is not UTF-8 text ({err.reason} at "
+                f"byte {err.start}); it was not written by Keras: use the original file")
+    return _corrupt_message(path, err)
 
 
 def _read_string_list(attrs: h5py.AttributeManager, name: str) -> list[str] | None:
@@ -117,8 +153,14 @@ def open_weights_group(path: str | os.PathLike) -> Iterator[h5py.Group]:
     with f:
         if "layer_names" in f.attrs or "layer_names0" in f.attrs:
             yield f
-        elif FULL_MODEL_GROUP in f and isinstance(f[FULL_MODEL_GROUP], h5py.Group):
-            yield f[FULL_MODEL_GROUP]
+            return
+        try:
+            group = _member(f, FULL_MODEL_GROUP, path)
+        except (OSError, KeyError, RuntimeError, UnicodeDecodeError) as err:
+            raise WeightsFileError(_damaged(path, err)) from err
+        if isinstance(group, h5py.Group) and ("layer_names" in group.attrs
+                                              or "layer_names0" in group.attrs):
+            yield group
         else:
             raise WeightsFileError(_describe_not_keras(path, f))
 
@@ -130,14 +172,14 @@ def _corrupt_message(path: str, err: Exception) -> str:
 
 
 def _layer_entries(group: h5py.Group, layer: str, path: str) -> list[WeightEntry]:
-    if layer not in group:
+    layer_group = _member(group, layer, path)
+    if not isinstance(layer_group, h5py.Group):
         raise WeightsFileError(f"{path} is corrupt: layer {layer!r} is listed in layer_names "
                                "but has no group")
-    layer_group = group[layer]
     names = _read_string_list(layer_group.attrs, "weight_names") or []
     entries = []
     for name in names:
-        dataset = layer_group.get(name)
+        dataset = _member(layer_group, name, path)
         if not isinstance(dataset, h5py.Dataset):
             raise WeightsFileError(f"{path} is corrupt: weight {name!r} of layer {layer!r} is "
                                    "listed in weight_names but has no dataset")
@@ -155,8 +197,8 @@ def read_layout(path: str | os.PathLike) -> FileLayout:
             layers = {name: _layer_entries(group, name, path) for name in layer_names}
             keras_version = _text(group.attrs.get("keras_version", b"unknown"))
             backend = _text(group.attrs.get("backend", b"unknown"))
-        except (OSError, KeyError, RuntimeError) as err:  # damaged metadata deep in the file
-            raise WeightsFileError(_corrupt_message(path, err)) from err
+        except (OSError, KeyError, RuntimeError, UnicodeDecodeError) as err:  # damaged metadata
+            raise WeightsFileError(_damaged(path, err)) from err
         return FileLayout(path, group.name, keras_version, backend, layers)
 
 
@@ -172,11 +214,18 @@ def read_arrays(path: str | os.PathLike,
         arrays: dict[str, list[np.ndarray]] = {}
         try:
             for layer in layer_names:
-                layer_group = group[layer]
+                layer_group = _member(group, layer, path)
+                if not isinstance(layer_group, h5py.Group):
+                    raise KeyError(f"layer {layer!r} has no group")
                 names = _read_string_list(layer_group.attrs, "weight_names") or []
-                arrays[layer] = [np.asarray(layer_group[name][()]) for name in names]
-        except (OSError, KeyError, RuntimeError) as err:
-            raise WeightsFileError(_corrupt_message(path, err)) from err
+                arrays[layer] = []
+                for name in names:
+                    dataset = _member(layer_group, name, path)
+                    if not isinstance(dataset, h5py.Dataset):
+                        raise KeyError(f"weight {name!r} of layer {layer!r} has no dataset")
+                    arrays[layer].append(np.asarray(dataset[()]))
+        except (OSError, KeyError, RuntimeError, UnicodeDecodeError) as err:
+            raise WeightsFileError(_damaged(path, err)) from err
         return arrays
 
 
