@@ -191,7 +191,9 @@ def test_evaluate_writes_metrics_report_and_pictures(prepared, capsys):
     for relative in result["pictures"]:
         image_id = int(Path(relative).stem.split("-")[1])
         picture = np.asarray(Image.open(out / relative).convert("RGB"))
-        plain = images[image_id]
+        # enlarged by a whole factor so the labels can be read (PICTURE_MIN_SIDE)
+        factor = -(-evaluate_run.PICTURE_MIN_SIDE // min(images[image_id].shape[:2]))
+        plain = images[image_id].repeat(factor, axis=0).repeat(factor, axis=1)
         assert picture.shape == (plain.shape[0], 2 * plain.shape[1], 3)  # prediction | truth
         truth_half = picture[:, plain.shape[1]:]
         assert (truth_half != plain).any(axis=-1).mean() > 0.02  # ground truth masks drawn
