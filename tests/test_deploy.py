@@ -501,6 +501,22 @@ def test_retraining_cronjob_arguments_parse_with_the_cli(overlays):
     assert (parsed.command, parsed.handler.__name__) == ("pipeline", "_pipeline_submit")
 
 
+def test_retraining_cronjob_passes_the_weights_sha256_to_the_pipeline(overlays):
+    from pipeline.submit import PACKAGE, run_arguments
+
+    digest = "ab" * 32
+    for name, objects in overlays.items():
+        config = the_object(objects, "ConfigMap", PIPELINE_CONFIG)["data"]
+        assert "WEIGHTS_SHA256" in config, name  # the CronJob's environment (envFrom)
+        env_from = retrain_container(objects)["envFrom"]
+        assert env_from == [{"configMapRef": {"name": PIPELINE_CONFIG}}]
+        pinned = run_arguments(PACKAGE, [], {**config, "WEIGHTS_SHA256": digest})
+        assert pinned["weights_sha256"] == digest
+        # empty: not sent, so the package default "" applies (fetch-weights warns, unverified)
+        unpinned = run_arguments(PACKAGE, [], {**config, "WEIGHTS_SHA256": ""})
+        assert "weights_sha256" not in unpinned
+
+
 # === Argo CD ===
 
 
