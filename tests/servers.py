@@ -1,7 +1,8 @@
-"""Real servers on 127.0.0.1 for tests: a GCS emulator and a scripted HTTP server.
+"""Real servers on 127.0.0.1 for tests: a GCS emulator, a scripted HTTP server and MLflow.
 
-Both are context managers that pick a free port, run in a background thread, and stop on
-exit, so storage, fetch-weights and data tests can share them:
+Each is a context manager that picks a free port, runs in a background thread (MLflow: a
+subprocess), and stops on exit, so storage, fetch-weights, data, pipeline and deployment tests
+can share them:
 
     with gcs_emulator() as gcs:             # then STORAGE_EMULATOR_HOST=gcs.url
         gcs.client().create_bucket("b")
@@ -9,15 +10,25 @@ exit, so storage, fetch-weights and data tests can share them:
         http.add("/w.h5", b"...", fail_with=[503, 503])
         storage.download(http.url("/w.h5"), dest)
         assert http.count("/w.h5") == 3
+    with mlflow_server(tmp_path / "mlflow") as url:   # then MLFLOW_TRACKING_URI=url
+        ...
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from gcp_storage_emulator.server import create_server
@@ -143,3 +154,58 @@ def http_server() -> Iterator[HttpServer]:
         server._httpd.shutdown()
         server._httpd.server_close()
         server._thread.join(timeout=5)
+
+
+# === MLflow tracking server ===
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, *, app_name: str | None = None,
+                  env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts under `root`;
+    yields its URL and stops it on exit. `app_name`: `--app-name` (e.g. "basic-auth");
+    `env`: added to the server's environment (e.g. MLFLOW_AUTH_CONFIG_PATH)."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server",
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--default-artifact-root", "mlflow-artifacts:/",
+               "--artifacts-destination", str(root / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if app_name:
+        command += ["--app-name", app_name]
+    log = (root / "server.log").open("wb")
+    # A session of its own: stopping it stops its uvicorn workers too.
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, **(env or {})}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)  # never behind auth
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start:\n" +
+                                       (root / "server.log").read_text()[-2000:]) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        # uvicorn's graceful shutdown takes over ten seconds here; a test store needs none.
+        with contextlib.suppress(ProcessLookupError):  # already gone: it failed to start
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        log.close()

@@ -9,13 +9,19 @@ would fail here.
 
 from __future__ import annotations
 
+import base64
+import configparser
 import copy
+import json
 import re
 import runpy
+import secrets
 import shutil
 import subprocess
 import sys
 import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,9 +30,12 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kubernetes_validate_utils
 
+from tests.servers import mlflow_server
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
+PIPELINE_PACKAGE = ROOT / "pipeline" / "mask_rcnn_pipeline.yaml"
 OVERLAYS = ("dev", "prod")
 PIPELINE_CONFIG = "mask-rcnn-pipeline-config"
 GPU_KEYS = (
@@ -451,13 +460,23 @@ def secrets_referenced(objects: list[dict]) -> set[str]:
     return names
 
 
+def secrets_the_pipeline_reads() -> set[str]:
+    """Secrets the compiled pipeline's task pods take environment variables from."""
+    _, platform = yaml.safe_load_all(PIPELINE_PACKAGE.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return {ref["secretName"] for executor in executors.values()
+            for ref in executor.get("secretAsEnv", [])}
+
+
 def test_every_referenced_secret_is_created_by_a_readme_command(overlays):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Deploying to a cluster", 1)[-1]
     documented = set(re.findall(r"kubectl\b.*?create secret generic ([\w.-]+)", section))
+    assert secrets_the_pipeline_reads() == {"mlflow-pipeline-credentials"}
+    assert secrets_the_pipeline_reads() <= documented
     for objects in overlays.values():
         referenced = secrets_referenced(objects)
-        assert referenced, "the MLflow database credentials should come from a Secret"
+        assert {"mlflow-postgres", "mlflow-admin"} <= referenced  # database, MLflow's admin
         assert referenced <= documented
         assert objects_of(objects, "Secret") == []
 
@@ -580,6 +599,104 @@ def test_argocd_check_reports_missing_fields():
         "spec.destination.namespace is missing",
         "spec.syncPolicy.automated is not a mapping",
     ]
+
+
+# === MLflow authentication ===
+
+AUTH_CONFIG = K8S / "base" / "mlflow-basic-auth.ini"
+
+
+def auth_config_on_sqlite(folder: Path) -> Path:
+    """The shipped basic-auth config with its user store moved to a SQLite file in `folder`."""
+    parser = configparser.ConfigParser()
+    assert parser.read(AUTH_CONFIG) == [str(AUTH_CONFIG)]
+    parser["mlflow"]["database_uri"] = f"sqlite:///{folder / 'auth.db'}"
+    path = folder / "basic_auth.ini"
+    with path.open("w") as file:
+        parser.write(file)
+    return path
+
+
+def mlflow_status(url: str, method: str, endpoint: str, body: dict | None = None,
+                  user: tuple[str, str] | None = None) -> int:
+    """The HTTP status of one MLflow REST call, with basic auth when `user` is given."""
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{endpoint}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"})
+    if user is not None:
+        token = base64.b64encode(":".join(user).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_mlflow_auth_config_refuses_writes_by_default():
+    parser = configparser.ConfigParser()
+    parser.read(AUTH_CONFIG)
+    config = parser["mlflow"]
+    assert config["default_permission"] in {"READ", "NO_PERMISSIONS"}
+    assert config["database_uri"].startswith("postgresql")  # beside MLflow's own database
+    # nothing secret in the file: the admin comes from the Secret, through the environment
+    assert "admin_password" not in config and "@" not in config["database_uri"]
+
+
+@pytest.mark.slow  # 26 s here with both cores shared (a server start, PBKDF2 password checks)
+def test_authenticated_mlflow_refuses_anonymous_writes_and_takes_the_pipelines(
+        tmp_path, monkeypatch):
+    """The shipped auth config on a real server: anonymous calls get 401, the pipeline's user
+    (MLFLOW_TRACKING_USERNAME/PASSWORD, as the Secret sets them in task pods) logs a stage
+    through StageTracker, a read-only user reads it and cannot write to it (403)."""
+    from mlflow import MlflowClient
+    from mlflow.server.auth.client import AuthServiceClient
+
+    from trainer.stages.tracking import StageTracker, TrackingSettings
+
+    admin = ("admin", secrets.token_urlsafe(16))
+    pipeline_user = ("mask-rcnn-pipeline", secrets.token_urlsafe(16))
+    reader = ("reader", secrets.token_urlsafe(16))
+    server_env = {"MLFLOW_AUTH_CONFIG_PATH": str(auth_config_on_sqlite(tmp_path)),
+                  "MLFLOW_AUTH_ADMIN_USERNAME": admin[0],
+                  "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+                  "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+
+    def signed_in_as(user: tuple[str, str]) -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user[1])
+
+    with mlflow_server(tmp_path / "mlflow", app_name="basic-auth", env=server_env) as url:
+        # README's commands: the admin adds the pipeline's user and a read-only user
+        signed_in_as(admin)
+        for user in (pipeline_user, reader):
+            AuthServiceClient(url).create_user(*user)
+
+        assert mlflow_status(url, "POST", "experiments/create", {"name": "x"}) == 401
+        assert mlflow_status(url, "GET", "experiments/search?max_results=1") == 401
+        wrong = (pipeline_user[0], "not-the-password")
+        assert mlflow_status(url, "POST", "experiments/create", {"name": "x"}, wrong) == 401
+
+        signed_in_as(pipeline_user)
+        settings = TrackingSettings(url, "mask-rcnn", "kfp-run-1")
+        with StageTracker(settings, "train-heads") as tracker:
+            tracker.log_metrics({"loss": 1.5}, step=1)
+        assert tracker.failure is None and tracker.run_id is not None
+
+        metric = {"run_id": tracker.run_id, "key": "loss", "value": 0.0, "timestamp": 0,
+                  "step": 2}
+        assert mlflow_status(url, "POST", "runs/log-metric", metric) == 401
+        assert mlflow_status(url, "POST", "runs/delete", {"run_id": tracker.run_id}) == 401
+        assert mlflow_status(url, "GET", f"runs/get?run_id={tracker.run_id}", None,
+                             reader) == 200
+        assert mlflow_status(url, "POST", "runs/log-metric", metric, reader) == 403
+        assert mlflow_status(url, "POST", "runs/delete", {"run_id": tracker.run_id},
+                             reader) == 403
+
+        signed_in_as(reader)
+        history = MlflowClient(url).get_metric_history(tracker.run_id, "loss")
+        assert [(m.step, m.value) for m in history] == [(1, 1.5)]
 
 
 # === The image ===

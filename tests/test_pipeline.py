@@ -1,14 +1,10 @@
 """The Kubeflow pipeline: the committed package, its cluster settings, the submit arguments, and
 runs through KFP's local runner (`mrcnn run`) against a real MLflow server."""
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,7 @@ import yaml
 
 from pipeline import submit
 from pipeline.params import parse_params
+from tests.servers import mlflow_server
 from trainer.errors import UserError
 from trainer.stages.train import resolve_init
 
@@ -205,46 +202,6 @@ def test_the_heads_stage_loads_fetched_weights_or_starts_from_random(tmp_path, d
 
 
 # === Local runs (kfp.local) ===
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mlflow_server(root: Path):
-    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts; stopped after."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    command = [str(Path(sys.executable).with_name("mlflow")), "server",
-               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-               "--default-artifact-root", "mlflow-artifacts:/",
-               "--artifacts-destination", str(root / "artifacts"),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = (root / "server.log").open("wb")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start:\n" +
-                                       (root / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def mrcnn_run(workdir: Path, *args: str, uri: str | None = None) -> subprocess.CompletedProcess:
