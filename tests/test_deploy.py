@@ -405,12 +405,164 @@ def test_tracking_uri_reaches_the_mlflow_service(overlays, overlay):
     assert service["metadata"]["namespace"] == service_namespace
     assert uri.port in {port["port"] for port in service["spec"]["ports"]}
 
-    # The pods behind it admit that port from pipeline pods (same-namespace podSelector peer).
+    # The pods behind it admit that port from the pipeline's task pods (a same-namespace peer).
     ingress = the_object(objects, "NetworkPolicy", "mlflow-ingress-from-pipeline-pods")["spec"]
     assert ingress["podSelector"]["matchLabels"].items() <= service["spec"]["selector"].items()
     assert ingress["ingress"] == [
-        {"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": uri.port}]}
+        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mask-rcnn-task"}}}],
+         "ports": [{"protocol": "TCP", "port": uri.port}]}
     ]
+    assert selects(ingress["ingress"][0]["from"][0]["podSelector"], task_pod_labels())
+
+
+# === Network policies ===
+
+
+def task_pod_labels() -> dict[str, str]:
+    """The labels the compiled pipeline gives every task pod (the same for all five tasks)."""
+    _, platform = yaml.safe_load_all(PIPELINE_PACKAGE.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    labels = [executor.get("podMetadata", {}).get("labels", {})
+              for executor in executors.values()]
+    assert all(found == labels[0] for found in labels), "task pods differ in their labels"
+    return labels[0]
+
+
+def workload_pods(objects: list[dict]) -> dict[str, dict[str, str]]:
+    """Every pod we run, by a name, with its labels: pod templates and the pipeline's tasks."""
+    pods = {"pipeline task": task_pod_labels()}
+    for obj in objects:
+        path = POD_SPEC_PATHS.get(obj["kind"])
+        if path is not None:
+            template = obj
+            for key in path[:-1]:  # up to the template, whose metadata holds the pod's labels
+                template = template[key]
+            pods[f"{obj['kind']}/{obj['metadata']['name']}"] = template["metadata"]["labels"]
+    return pods
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions) selects these labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], \
+            expression.get("values", [])
+        if not {"In": key in labels and labels[key] in values,
+                "NotIn": labels.get(key) not in values,
+                "Exists": key in labels,
+                "DoesNotExist": key not in labels}[operator]:
+            return False
+    return True
+
+
+def policies_for(objects: list[dict], labels: dict[str, str], direction: str) -> list[dict]:
+    """The NetworkPolicies that select these pod labels for `direction` (Ingress, Egress)."""
+    return [policy for policy in objects_of(objects, "NetworkPolicy")
+            if direction in policy["spec"].get("policyTypes", [])
+            and selects(policy["spec"]["podSelector"], labels)]
+
+
+def pods_without_default_deny(objects: list[dict]) -> list[str]:
+    """Our pods that no default-deny policy (Ingress and Egress, no rule) selects. A policy
+    selecting every pod ({}) does not count: it would cut off KFP's own per-namespace pods."""
+    denies = [policy["spec"]["podSelector"] for policy in objects_of(objects, "NetworkPolicy")
+              if set(policy["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
+              and not policy["spec"].get("ingress") and not policy["spec"].get("egress")
+              and policy["spec"]["podSelector"]]
+    return [name for name, labels in workload_pods(objects).items()
+            if not any(selects(selector, labels) for selector in denies)]
+
+
+def flows(objects: list[dict], labels: dict[str, str], direction: str) -> set[tuple[str, str]]:
+    """What the policies let pods with these labels do in `direction`: (peer, port) pairs.
+    Peers: "any", "ip:CIDR", "pods:k=v" (this namespace), "ns:k=v/pods:k=v"; ports:
+    "TCP/443" or "any"."""
+    found = set()
+    side = {"Ingress": ("ingress", "from"), "Egress": ("egress", "to")}[direction]
+    for policy in policies_for(objects, labels, direction):
+        for rule in policy["spec"].get(side[0], []):
+            peers = []
+            for peer in rule.get(side[1], []) or [{}]:
+                if not peer:
+                    peers.append("any")
+                elif "ipBlock" in peer:
+                    block = peer["ipBlock"]
+                    excepted = ",".join(block.get("except", []))
+                    peers.append(f"ip:{block['cidr']}" + (f" except {excepted}" if excepted
+                                                           else ""))
+                else:
+                    pods = ",".join(f"{k}={v}" for k, v in sorted(
+                        peer.get("podSelector", {}).get("matchLabels", {}).items()))
+                    assert not peer.get("podSelector", {}).get("matchExpressions")
+                    if "namespaceSelector" in peer:
+                        namespaces = ",".join(f"{k}={v}" for k, v in sorted(
+                            peer["namespaceSelector"].get("matchLabels", {}).items()))
+                        peers.append(f"ns:{namespaces}/pods:{pods}")
+                    else:
+                        peers.append(f"pods:{pods}")
+            ports = [f"{port.get('protocol', 'TCP')}/{port['port']}"
+                     for port in rule.get("ports", [])] or ["any"]
+            found |= {(peer, port) for peer in peers for port in ports}
+    return found
+
+
+DNS = {("ns:kubernetes.io/metadata.name=kube-system/pods:k8s-app=kube-dns", "UDP/53"),
+       ("ns:kubernetes.io/metadata.name=kube-system/pods:k8s-app=kube-dns", "TCP/53"),
+       ("ip:169.254.20.10/32", "UDP/53"), ("ip:169.254.20.10/32", "TCP/53")}
+GKE_METADATA = {("ip:169.254.169.254/32", "TCP/80"), ("ip:169.254.169.252/32", "TCP/988")}
+KFP = "ns:kubernetes.io/metadata.name=kubeflow/pods:"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_we_run_is_under_a_default_deny(overlays, overlay):
+    objects = overlays[overlay]
+    assert set(workload_pods(objects)) == {
+        "pipeline task", "Deployment/mlflow", "CronJob/mask-rcnn-retrain"}
+    assert pods_without_default_deny(objects) == []
+
+    unlabelled = copy.deepcopy(objects)
+    del the_object(unlabelled, "Deployment", "mlflow")["spec"]["template"]["metadata"][
+        "labels"]["app.kubernetes.io/part-of"]
+    assert pods_without_default_deny(unlabelled) == ["Deployment/mlflow"]
+    namespace_wide = [obj for obj in copy.deepcopy(objects)
+                      if obj["metadata"]["name"] != "default-deny-mask-rcnn-workloads"]
+    namespace_wide.append({"kind": "NetworkPolicy", "metadata": {"name": "all"}, "spec": {
+        "podSelector": {}, "policyTypes": ["Ingress", "Egress"]}})
+    assert len(pods_without_default_deny(namespace_wide)) == 3
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_workload_gets_exactly_its_flows(overlays, overlay):
+    objects = overlays[overlay]
+    pods = workload_pods(objects)
+    mlflow, task, retrain = (pods["Deployment/mlflow"], pods["pipeline task"],
+                             pods["CronJob/mask-rcnn-retrain"])
+    pghost = next(obj for obj in objects_of(objects, "ConfigMap")
+                  if obj["metadata"]["name"].startswith("mlflow-server"))["data"]["PGHOST"]
+    kfp_port = urlsplit(the_object(objects, "ConfigMap", PIPELINE_CONFIG)["data"]["KFP_HOST"]).port
+
+    assert flows(objects, mlflow, "Ingress") == {
+        ("pods:app.kubernetes.io/name=mask-rcnn-task", "TCP/5000")}
+    # MLflow reaches its database, Google APIs' private VIPs and nothing else
+    assert flows(objects, mlflow, "Egress") == DNS | GKE_METADATA | {
+        (f"ip:{pghost}/32", "TCP/5432"),
+        ("ip:199.36.153.8/30", "TCP/443"), ("ip:199.36.153.4/30", "TCP/443")}
+    assert flows(objects, task, "Ingress") == set()
+    assert flows(objects, task, "Egress") == DNS | GKE_METADATA | {
+        ("pods:app.kubernetes.io/name=mlflow", "TCP/5000"),
+        (f"{KFP}component=metadata-grpc-server", "TCP/8080"),
+        (f"{KFP}app=ml-pipeline", "TCP/8887"), (f"{KFP}app=ml-pipeline", "TCP/8888"),
+        ("any", "TCP/443")}
+    assert flows(objects, retrain, "Ingress") == set()
+    assert flows(objects, retrain, "Egress") == DNS | {(f"{KFP}app=ml-pipeline",
+                                                        f"TCP/{kfp_port}")}
+
+    # a rule without a destination is "any address": it shows, and the check above fails
+    loose = copy.deepcopy(objects)
+    the_object(loose, "NetworkPolicy", "mlflow-egress")["spec"]["egress"].append(
+        {"ports": [{"protocol": "TCP", "port": 443}]})
+    assert ("any", "TCP/443") in flows(loose, mlflow, "Egress")
 
 
 def test_gpu_pool_settings_are_the_same_in_every_overlay(overlays):
