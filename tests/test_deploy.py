@@ -565,6 +565,81 @@ def test_each_workload_gets_exactly_its_flows(overlays, overlay):
     assert ("any", "TCP/443") in flows(loose, mlflow, "Egress")
 
 
+# === RBAC ===
+
+READ_VERBS = {"get", "list", "watch"}
+# Kinds a pipeline task must never change: other workloads, credentials, access control.
+PROTECTED_RESOURCES = {
+    "secrets", "deployments", "statefulsets", "daemonsets", "replicasets", "jobs", "cronjobs",
+    "pods", "pods/exec", "pods/attach", "pods/ephemeralcontainers", "services", "configmaps",
+    "serviceaccounts", "serviceaccounts/token", "roles", "rolebindings", "networkpolicies",
+    "persistentvolumeclaims"}
+
+
+def role_problems(role: dict) -> list[str]:
+    """Every way a Role gives more than a pipeline task may have, one line each."""
+    problems = []
+    for number, rule in enumerate(role.get("rules", []), 1):
+        groups, resources, verbs = (set(rule.get(key, [])) for key in
+                                    ("apiGroups", "resources", "verbs"))
+        where = f"rule {number} ({', '.join(sorted(resources))})"
+        if "*" in groups | resources | verbs:
+            problems.append(f"{where}: a wildcard")
+        if "secrets" in resources:
+            problems.append(f"{where}: any access to Secrets")
+        if writes := verbs - READ_VERBS:
+            for resource in sorted(resources & PROTECTED_RESOURCES):
+                problems.append(f"{where}: {'/'.join(sorted(writes))} on {resource}")
+        if "configmaps" in resources and not rule.get("resourceNames"):
+            problems.append(f"{where}: every ConfigMap, not named ones")
+    return problems
+
+
+def rules_without_a_comment(text: str) -> list[str]:
+    """The rules of a Role's YAML source that no comment line directly precedes."""
+    lines = text.splitlines()
+    return [line.strip() for i, line in enumerate(lines)
+            if line.strip().startswith("- apiGroups:") and not lines[i - 1].strip().startswith("#")]
+
+
+def test_pipeline_role_is_what_kfp_task_pods_need_and_no_more(overlays):
+    for objects in overlays.values():
+        role = the_object(objects, "Role", "mask-rcnn-pipeline-runner")
+        assert role_problems(role) == []
+        assert role["rules"] == [
+            # KFP's driver and launcher read their own pod
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+            # KFP's launcher settings
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-launcher"],
+             "verbs": ["get"]},
+            # Argo's executor records step results
+            {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"],
+             "verbs": ["create", "patch"]},
+        ]
+        assert [obj["metadata"]["name"] for obj in objects_of(objects, "Role")] == [
+            "mask-rcnn-pipeline-runner"]
+        assert objects_of(objects, "ClusterRole") == objects_of(objects, "ClusterRoleBinding") == []
+    assert rules_without_a_comment((K8S / "base" / "pipeline-rbac.yaml").read_text()) == []
+
+
+def test_role_check_reports_each_kind_of_overreach():
+    role = {"rules": [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "watch", "patch"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["*"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+    ]}
+    assert role_problems(role) == [
+        "rule 1 (pods): patch on pods",
+        "rule 2 (secrets): any access to Secrets",
+        "rule 3 (deployments): a wildcard",
+        "rule 3 (deployments): * on deployments",
+        "rule 4 (configmaps): every ConfigMap, not named ones",
+    ]
+    assert rules_without_a_comment("rules:\n  # why\n  - apiGroups: []\n  - apiGroups: [x]\n") \
+        == ["- apiGroups: [x]"]
+
+
 def test_gpu_pool_settings_are_the_same_in_every_overlay(overlays):
     # The pipeline compiles node selector and toleration into its YAML: one value everywhere.
     per_overlay = {
