@@ -806,6 +806,85 @@ def test_argocd_application_syncs_the_prod_overlay(overlays):
     assert destination["namespace"] == namespace["metadata"]["name"]
 
 
+PROTECTED = "argocd.argoproj.io/sync-options"
+
+
+def sync_options(obj: dict) -> set[str]:
+    text = obj["metadata"].get("annotations", {}).get(PROTECTED, "")
+    return {option.strip() for option in text.split(",") if option.strip()}
+
+
+def unprotected(objects: list[dict]) -> list[str]:
+    """The Namespace and PersistentVolumeClaims that Argo CD may prune or delete."""
+    return [f"{obj['kind']}/{obj['metadata']['name']}" for obj in objects
+            if obj["kind"] in ("Namespace", "PersistentVolumeClaim")
+            and not {"Prune=false", "Delete=false"} <= sync_options(obj)]
+
+
+def appproject_problems(project: dict, app: dict, objects: list[dict]) -> list[str]:
+    """How the AppProject fails to confine the Application to its repository, namespace and
+    the kinds its overlay holds, one line each."""
+    spec, problems = project["spec"], []
+    if project["metadata"]["name"] == "default" or app["spec"]["project"] != \
+            project["metadata"]["name"]:
+        problems.append("the Application is not in this (non-default) project")
+    if spec.get("sourceRepos") != [app["spec"]["source"]["repoURL"]]:
+        problems.append("sourceRepos is not exactly the Application's repository")
+    destination = app["spec"]["destination"]
+    if spec.get("destinations") != [{"server": destination["server"],
+                                     "namespace": destination["namespace"]}]:
+        problems.append("destinations is not exactly the Application's namespace")
+    allowed = {(kind["group"], kind["kind"]) for key in ("clusterResourceWhitelist",
+                                                         "namespaceResourceWhitelist")
+               for kind in spec.get(key, [])}
+    used = {(obj["apiVersion"].rpartition("/")[0], obj["kind"]) for obj in objects}
+    if allowed != used:
+        problems.append(f"allowed kinds differ from the overlay's: {sorted(allowed ^ used)}")
+    if {kind["kind"] for kind in spec.get("clusterResourceWhitelist", [])} != {"Namespace"}:
+        problems.append("cluster-scoped kinds other than Namespace are allowed")
+    return problems
+
+
+def test_argocd_application_has_its_own_project_and_protects_what_holds_data(overlays):
+    app = yaml.safe_load((K8S / "argocd" / "application.yaml").read_text())
+    project = yaml.safe_load((K8S / "argocd" / "appproject.yaml").read_text())
+    assert project["kind"] == "AppProject" and project["apiVersion"] == "argoproj.io/v1alpha1"
+    assert project["metadata"]["namespace"] == app["metadata"]["namespace"]
+    assert appproject_problems(project, app, overlays["prod"]) == []
+    assert ("", "Secret") not in {(k["group"], k["kind"])
+                                  for k in project["spec"]["namespaceResourceWhitelist"]}
+
+    for objects in overlays.values():
+        assert len(objects_of(objects, "Namespace")) == 1
+        assert objects_of(objects, "PersistentVolumeClaim")
+        assert unprotected(objects) == []
+    # the Secrets, created out of band, carry the same annotation (README's command)
+    readme = (ROOT / "README.md").read_text().split("## Deploying to a cluster", 1)[-1]
+    created = set(re.findall(r"create secret generic ([\w.-]+)", readme))
+    [annotate] = re.findall(r"annotate secret ((?:[\w.-]+ )+)\\?\s*" + PROTECTED +
+                            r"=Prune=false,Delete=false", readme)
+    assert created and created == set(annotate.split())
+
+    # what each check catches
+    careless = copy.deepcopy(overlays["prod"])
+    del the_object(careless, "PersistentVolumeClaim", "mask-rcnn-checkpoints")["metadata"][
+        "annotations"]
+    assert unprotected(careless) == ["PersistentVolumeClaim/mask-rcnn-checkpoints"]
+    loose = copy.deepcopy(project)
+    loose["metadata"]["name"] = "default"
+    loose["spec"]["sourceRepos"] = ["*"]
+    loose["spec"]["destinations"][0]["namespace"] = "*"
+    loose["spec"]["clusterResourceWhitelist"].append({"group": "*", "kind": "*"})
+    assert appproject_problems(loose, {**app, "spec": {**app["spec"], "project": "default"}},
+                               overlays["prod"]) == [
+        "the Application is not in this (non-default) project",
+        "sourceRepos is not exactly the Application's repository",
+        "destinations is not exactly the Application's namespace",
+        "allowed kinds differ from the overlay's: [('*', '*')]",
+        "cluster-scoped kinds other than Namespace are allowed",
+    ]
+
+
 def test_argocd_check_reports_missing_fields():
     app = {
         "apiVersion": "argoproj.io/v1beta1",
