@@ -885,6 +885,51 @@ def test_argocd_application_has_its_own_project_and_protects_what_holds_data(ove
     ]
 
 
+def closed(schema: dict) -> dict:
+    """A CRD's structural schema that refuses unknown fields, as `kubectl apply
+    --validate=strict` does (the API server would otherwise drop them without a word)."""
+    schema = dict(schema)
+    if "properties" in schema:
+        schema["properties"] = {name: closed(sub) for name, sub in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get(
+                "x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            schema[key] = closed(schema[key])
+    return schema
+
+
+def custom_resource_errors(obj: dict, crd_path: Path) -> list[str]:
+    """One line per way `obj` breaks the (closed) schema of its version in the CRD file."""
+    import jsonschema
+
+    crd = yaml.safe_load(crd_path.read_text())
+    assert obj["kind"] == crd["spec"]["names"]["kind"]
+    group, _, version = obj["apiVersion"].partition("/")
+    assert group == crd["spec"]["group"]
+    [served] = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    validator = jsonschema.Draft7Validator(closed(served["schema"]["openAPIV3Schema"]))
+    return sorted(f"{'.'.join(str(part) for part in error.path)}: {error.message}"
+                  for error in validator.iter_errors(obj))
+
+
+APPPROJECT_CRD = ROOT / "tests" / "schemas" / "argocd-appproject-crd-v3.5.1.yaml"
+
+
+def test_appproject_passes_the_argocd_crd_schema():
+    project = yaml.safe_load((K8S / "argocd" / "appproject.yaml").read_text())
+    assert custom_resource_errors(project, APPPROJECT_CRD) == []
+
+    typo = copy.deepcopy(project)
+    typo["spec"]["namespaceResourceWhitelis"] = typo["spec"].pop("namespaceResourceWhitelist")
+    typo["spec"]["destinations"][0]["namespace"] = ["mask-rcnn"]
+    errors = custom_resource_errors(typo, APPPROJECT_CRD)
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("spec.destinations.0.namespace: ")
+    assert "'namespaceResourceWhitelis' was unexpected" in errors[1]
+
+
 def test_argocd_check_reports_missing_fields():
     app = {
         "apiVersion": "argoproj.io/v1beta1",
