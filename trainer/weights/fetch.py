@@ -198,7 +198,8 @@ def fetch_weights(
     `exclude` names layers not to load (e.g. CLASS_SPECIFIC_LAYERS for another NUM_CLASSES).
     Writes the report to `report_path` (default `{out}.report.json`, a name derived from
     `out`, so it never replaces an unrelated file) and returns it: source, bytes, sha256, the
-    file's Keras version and backend, layer counts and lists, `ok` and `error`.
+    file's Keras version and backend, layer counts and lists, `ok`, `error` and `warnings`
+    (one says so when no `sha256` was given: the file was not verified).
     `source="none"` is random initialisation: no file is written and `out` is left alone.
     Raises a one-line UserError (StorageError, WeightsFileError, WeightsMismatchError,
     ArchitectureMismatchError, UnsupportedSourceError); then `out` is as it was before the
