@@ -10,15 +10,17 @@ k8s/base/pipeline-config.yaml fixes them), and are retried when their pod dies (
 node): the retried task resumes from its newest checkpoint in `checkpoint_root`, a
 PersistentVolumeClaim (`checkpoint_pvc`) mounted into both training tasks. Every task reads
 MLFLOW_TRACKING_URI from the ConfigMap mask-rcnn-pipeline-config unless the
-`mlflow_tracking_uri` parameter is set. Locally (`mrcnn run`, kfp.local) the Kubernetes
-settings are ignored.
+`mlflow_tracking_uri` parameter is set, and its MLflow user from the Secret
+mlflow-pipeline-credentials. Every task pod carries TASK_POD_LABELS, which the namespace's
+NetworkPolicies select (k8s/base/networkpolicies.yaml). Locally (`mrcnn run`, kfp.local) the
+Kubernetes settings are ignored.
 """
 
 # No `from __future__ import annotations`: KFP reads the parameter annotations as types.
 from kfp import dsl, kubernetes
 
 from components import evaluate, fetch_weights, prepare_data, train
-from trainer.stages.tracking import RUN_ID_ENV
+from trainer.stages.tracking import RUN_ID_ENV, WORKFLOW_ENV
 
 PIPELINE_NAME = "mask-rcnn"
 CONFIG_MAP = "mask-rcnn-pipeline-config"
@@ -30,16 +32,30 @@ TRAIN_RESOURCES = {"cpu": "6", "memory": "24Gi"}
 DATA_RESOURCES = {"cpu": "2", "memory": "8Gi"}
 TRAIN_RETRIES = 3  # preemptions survived per training task
 DEMO_CONFIG = "configs/demo.yaml"  # a preset inside the image
+# MLflow's basic-auth user of the pipeline (keys username, password), created out of band.
+MLFLOW_CREDENTIALS_SECRET = "mlflow-pipeline-credentials"
+# The labels the NetworkPolicies select task pods by (default deny, then their own flows).
+TASK_POD_LABELS = {"app.kubernetes.io/part-of": "mask-rcnn-pipeline",
+                   "app.kubernetes.io/name": "mask-rcnn-task"}
 
 
 def _with_tracking_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """MLFLOW_TRACKING_URI from the ConfigMap (optional: the parameter may carry it instead)
-    and the KFP run id from the pod's label. The run id is no task input, so it does not
-    change the cache key of fetch-weights and prepare-data."""
+    """MLFLOW_TRACKING_URI from the ConfigMap and the MLflow user from the Secret (both
+    optional: the parameter may name another server, and without credentials MLflow refuses
+    the calls, which a stage reports and trains on), the KFP run id from the pod's label and,
+    should that label be missing, the Argo Workflow's name (the same across retries). Neither
+    is a task input, so they do not change the cache key of fetch-weights and prepare-data."""
     kubernetes.use_config_map_as_env(task, CONFIG_MAP,
                                      {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"},
                                      optional=True)
+    kubernetes.use_secret_as_env(task, MLFLOW_CREDENTIALS_SECRET,
+                                 {"username": "MLFLOW_TRACKING_USERNAME",
+                                  "password": "MLFLOW_TRACKING_PASSWORD"}, optional=True)
     kubernetes.use_field_path_as_env(task, RUN_ID_ENV, "metadata.labels['pipeline/runid']")
+    kubernetes.use_field_path_as_env(task, WORKFLOW_ENV,
+                                     "metadata.labels['workflows.argoproj.io/workflow']")
+    for key, value in TASK_POD_LABELS.items():
+        kubernetes.add_pod_label(task, key, value)
     return task
 
 

@@ -6,8 +6,8 @@
 
 Parameter values come, strongest first, from `params` (`--param NAME=VALUE`), from the
 environment the ConfigMap mask-rcnn-pipeline-config gives the retraining CronJob
-(CONFIG_PRESET, WEIGHTS_SOURCE, DATASET_SOURCE, HEADS_EPOCHS, TOTAL_EPOCHS,
-MLFLOW_EXPERIMENT_NAME, REGISTERED_MODEL_NAME), then from the package's defaults.
+(ENV_PARAMETERS: CONFIG_PRESET, WEIGHTS_SOURCE, WEIGHTS_SHA256, DATASET_SOURCE, ...; an empty
+value is not sent), then from the package's defaults.
 PIPELINE_ROOT and PIPELINE_SERVICE_ACCOUNT set where and as whom the run executes.
 
 Every call to the KFP API goes through `call_api`: an unreachable, refusing (401/403) or
@@ -47,6 +47,7 @@ from trainer.io.atomic import copy_atomic
 ENV_PARAMETERS = {
     "CONFIG_PRESET": "config_preset",
     "WEIGHTS_SOURCE": "weights_source",
+    "WEIGHTS_SHA256": "weights_sha256",
     "DATASET_SOURCE": "dataset_source",
     "HEADS_EPOCHS": "heads_epochs",
     "TOTAL_EPOCHS": "total_epochs",

@@ -1,7 +1,8 @@
-"""Real servers on 127.0.0.1 for tests: a GCS emulator, a scripted HTTP server, an MLflow server.
+"""Real servers on 127.0.0.1 for tests: a GCS emulator, a scripted HTTP server and MLflow.
 
-Both are context managers that pick a free port, run in a background thread, and stop on
-exit, so storage, fetch-weights and data tests can share them:
+Each is a context manager that picks a free port, runs in a background thread (MLflow: a
+subprocess), and stops on exit, so storage, fetch-weights, data, pipeline and deployment tests
+can share them:
 
     with gcs_emulator() as gcs:             # then STORAGE_EMULATOR_HOST=gcs.url
         gcs.client().create_bucket("b")
@@ -9,6 +10,8 @@ exit, so storage, fetch-weights and data tests can share them:
         http.add("/w.h5", b"...", fail_with=[503, 503])
         storage.download(http.url("/w.h5"), dest)
         assert http.count("/w.h5") == 3
+    with mlflow_server(tmp_path / "mlflow") as url:   # then MLFLOW_TRACKING_URI=url
+        ...
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -221,76 +224,80 @@ def http_server() -> Iterator[HttpServer]:
         server._thread.join(timeout=5)
 
 
+# === MLflow tracking server ===
+
+
 def free_port() -> int:
+    """A port of 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path):
-    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts; stopped after."""
-    root.mkdir(parents=True, exist_ok=True)
+def mlflow_server(root: Path, *, app_name: str | None = None,
+                  env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts under `root`;
+    yields its URL and stops it on exit. `app_name`: `--app-name` (e.g. "basic-auth");
+    `env`: added to the server's environment (e.g. MLFLOW_AUTH_CONFIG_PATH)."""
     port = free_port()
     command = [str(Path(sys.executable).with_name("mlflow")), "server",
                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                "--default-artifact-root", "mlflow-artifacts:/",
                "--artifacts-destination", str(root / "artifacts"),
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = (root / "server.log").open("wb")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start:\n" +
-                                       (root / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
+    if app_name:
+        command += ["--app-name", app_name]
+    # /health is never behind auth
+    with _server_process(command, port, "/health", root / "server.log", env) as url:
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 @contextlib.contextmanager
-def mlflow_model_server(model_uri: str, tracking_uri: str, root: Path):
+def mlflow_model_server(model_uri: str, tracking_uri: str, root: Path) -> Iterator[str]:
     """`mlflow models serve -m MODEL_URI --env-manager local` on 127.0.0.1; yields its URL."""
-    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+    env = {"MLFLOW_TRACKING_URI": tracking_uri,
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn
     command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
                "local", "--host", "127.0.0.1", "--port", str(port)]
-    log = (root / "serve.log").open("wb")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              start_new_session=True)
+    with _server_process(command, port, "/ping", root / "serve.log", env,
+                         start_seconds=180) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _server_process(command: list[str], port: int, health: str, log_path: Path,
+                    env: Mapping[str, str] | None = None,
+                    start_seconds: float = 120) -> Iterator[str]:
+    """Runs `command` (a server on 127.0.0.1:`port`) in a session of its own, waits until
+    GET `health` answers, yields its URL; on exit stops it and its children (uvicorn workers)
+    at once: uvicorn's graceful shutdown takes over ten seconds, a test server needs none."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("wb")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, **(env or {})}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + start_seconds
         while True:
             try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                urllib.request.urlopen(f"{url}{health}", timeout=2)
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow models serve did not start:\n" +
-                                       (root / "serve.log").read_text()[-3000:]) from None
-                time.sleep(1)
+                    raise RuntimeError(f"{' '.join(command[1:3])} did not start:\n" +
+                                       log_path.read_text()[-3000:]) from None
+                time.sleep(0.5)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the CLI runs uvicorn as a child
+        with contextlib.suppress(ProcessLookupError):  # already gone: it failed to start
+            os.killpg(server.pid, signal.SIGTERM)
         try:
-            server.wait(timeout=30)
+            server.wait(timeout=3)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
         log.close()

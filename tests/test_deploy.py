@@ -9,13 +9,19 @@ would fail here.
 
 from __future__ import annotations
 
+import base64
+import configparser
 import copy
+import json
 import re
 import runpy
+import secrets
 import shutil
 import subprocess
 import sys
 import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,9 +30,12 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kubernetes_validate_utils
 
+from tests.servers import mlflow_server
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
+PIPELINE_PACKAGE = ROOT / "pipeline" / "mask_rcnn_pipeline.yaml"
 OVERLAYS = ("dev", "prod")
 PIPELINE_CONFIG = "mask-rcnn-pipeline-config"
 GPU_KEYS = (
@@ -396,12 +405,239 @@ def test_tracking_uri_reaches_the_mlflow_service(overlays, overlay):
     assert service["metadata"]["namespace"] == service_namespace
     assert uri.port in {port["port"] for port in service["spec"]["ports"]}
 
-    # The pods behind it admit that port from pipeline pods (same-namespace podSelector peer).
+    # The pods behind it admit that port from the pipeline's task pods (a same-namespace peer).
     ingress = the_object(objects, "NetworkPolicy", "mlflow-ingress-from-pipeline-pods")["spec"]
     assert ingress["podSelector"]["matchLabels"].items() <= service["spec"]["selector"].items()
     assert ingress["ingress"] == [
-        {"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": uri.port}]}
+        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mask-rcnn-task"}}}],
+         "ports": [{"protocol": "TCP", "port": uri.port}]}
     ]
+    assert selects(ingress["ingress"][0]["from"][0]["podSelector"], task_pod_labels())
+
+
+# === Network policies ===
+
+
+def task_pod_labels() -> dict[str, str]:
+    """The labels the compiled pipeline gives every task pod (the same for all five tasks)."""
+    _, platform = yaml.safe_load_all(PIPELINE_PACKAGE.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    labels = [executor.get("podMetadata", {}).get("labels", {})
+              for executor in executors.values()]
+    assert all(found == labels[0] for found in labels), "task pods differ in their labels"
+    return labels[0]
+
+
+def workload_pods(objects: list[dict]) -> dict[str, dict[str, str]]:
+    """Every pod we run, by a name, with its labels: pod templates and the pipeline's tasks."""
+    pods = {"pipeline task": task_pod_labels()}
+    for obj in objects:
+        path = POD_SPEC_PATHS.get(obj["kind"])
+        if path is not None:
+            template = obj
+            for key in path[:-1]:  # up to the template, whose metadata holds the pod's labels
+                template = template[key]
+            pods[f"{obj['kind']}/{obj['metadata']['name']}"] = template["metadata"]["labels"]
+    return pods
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions) selects these labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], \
+            expression.get("values", [])
+        if not {"In": key in labels and labels[key] in values,
+                "NotIn": labels.get(key) not in values,
+                "Exists": key in labels,
+                "DoesNotExist": key not in labels}[operator]:
+            return False
+    return True
+
+
+def policies_for(objects: list[dict], labels: dict[str, str], direction: str) -> list[dict]:
+    """The NetworkPolicies that select these pod labels for `direction` (Ingress, Egress)."""
+    return [policy for policy in objects_of(objects, "NetworkPolicy")
+            if direction in policy["spec"].get("policyTypes", [])
+            and selects(policy["spec"]["podSelector"], labels)]
+
+
+def pods_without_default_deny(objects: list[dict]) -> list[str]:
+    """Our pods that no default-deny policy (Ingress and Egress, no rule) selects. A policy
+    selecting every pod ({}) does not count: it would cut off KFP's own per-namespace pods."""
+    denies = [policy["spec"]["podSelector"] for policy in objects_of(objects, "NetworkPolicy")
+              if set(policy["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
+              and not policy["spec"].get("ingress") and not policy["spec"].get("egress")
+              and policy["spec"]["podSelector"]]
+    return [name for name, labels in workload_pods(objects).items()
+            if not any(selects(selector, labels) for selector in denies)]
+
+
+def flows(objects: list[dict], labels: dict[str, str], direction: str) -> set[tuple[str, str]]:
+    """What the policies let pods with these labels do in `direction`: (peer, port) pairs.
+    Peers: "any", "ip:CIDR", "pods:k=v" (this namespace), "ns:k=v/pods:k=v"; ports:
+    "TCP/443" or "any"."""
+    found = set()
+    side = {"Ingress": ("ingress", "from"), "Egress": ("egress", "to")}[direction]
+    for policy in policies_for(objects, labels, direction):
+        for rule in policy["spec"].get(side[0], []):
+            peers = []
+            for peer in rule.get(side[1], []) or [{}]:
+                if not peer:
+                    peers.append("any")
+                elif "ipBlock" in peer:
+                    block = peer["ipBlock"]
+                    excepted = ",".join(block.get("except", []))
+                    peers.append(f"ip:{block['cidr']}" + (f" except {excepted}" if excepted
+                                                           else ""))
+                else:
+                    pods = ",".join(f"{k}={v}" for k, v in sorted(
+                        peer.get("podSelector", {}).get("matchLabels", {}).items()))
+                    assert not peer.get("podSelector", {}).get("matchExpressions")
+                    if "namespaceSelector" in peer:
+                        namespaces = ",".join(f"{k}={v}" for k, v in sorted(
+                            peer["namespaceSelector"].get("matchLabels", {}).items()))
+                        peers.append(f"ns:{namespaces}/pods:{pods}")
+                    else:
+                        peers.append(f"pods:{pods}")
+            ports = [f"{port.get('protocol', 'TCP')}/{port['port']}"
+                     for port in rule.get("ports", [])] or ["any"]
+            found |= {(peer, port) for peer in peers for port in ports}
+    return found
+
+
+DNS = {("ns:kubernetes.io/metadata.name=kube-system/pods:k8s-app=kube-dns", "UDP/53"),
+       ("ns:kubernetes.io/metadata.name=kube-system/pods:k8s-app=kube-dns", "TCP/53"),
+       ("ip:169.254.20.10/32", "UDP/53"), ("ip:169.254.20.10/32", "TCP/53")}
+GKE_METADATA = {("ip:169.254.169.254/32", "TCP/80"), ("ip:169.254.169.252/32", "TCP/988")}
+KFP = "ns:kubernetes.io/metadata.name=kubeflow/pods:"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_we_run_is_under_a_default_deny(overlays, overlay):
+    objects = overlays[overlay]
+    assert set(workload_pods(objects)) == {
+        "pipeline task", "Deployment/mlflow", "CronJob/mask-rcnn-retrain"}
+    assert pods_without_default_deny(objects) == []
+
+    unlabelled = copy.deepcopy(objects)
+    del the_object(unlabelled, "Deployment", "mlflow")["spec"]["template"]["metadata"][
+        "labels"]["app.kubernetes.io/part-of"]
+    assert pods_without_default_deny(unlabelled) == ["Deployment/mlflow"]
+    namespace_wide = [obj for obj in copy.deepcopy(objects)
+                      if obj["metadata"]["name"] != "default-deny-mask-rcnn-workloads"]
+    namespace_wide.append({"kind": "NetworkPolicy", "metadata": {"name": "all"}, "spec": {
+        "podSelector": {}, "policyTypes": ["Ingress", "Egress"]}})
+    assert len(pods_without_default_deny(namespace_wide)) == 3
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_workload_gets_exactly_its_flows(overlays, overlay):
+    objects = overlays[overlay]
+    pods = workload_pods(objects)
+    mlflow, task, retrain = (pods["Deployment/mlflow"], pods["pipeline task"],
+                             pods["CronJob/mask-rcnn-retrain"])
+    pghost = next(obj for obj in objects_of(objects, "ConfigMap")
+                  if obj["metadata"]["name"].startswith("mlflow-server"))["data"]["PGHOST"]
+    kfp_port = urlsplit(the_object(objects, "ConfigMap", PIPELINE_CONFIG)["data"]["KFP_HOST"]).port
+
+    assert flows(objects, mlflow, "Ingress") == {
+        ("pods:app.kubernetes.io/name=mask-rcnn-task", "TCP/5000")}
+    # MLflow reaches its database, Google APIs' private VIPs and nothing else
+    assert flows(objects, mlflow, "Egress") == DNS | GKE_METADATA | {
+        (f"ip:{pghost}/32", "TCP/5432"),
+        ("ip:199.36.153.8/30", "TCP/443"), ("ip:199.36.153.4/30", "TCP/443")}
+    assert flows(objects, task, "Ingress") == set()
+    assert flows(objects, task, "Egress") == DNS | GKE_METADATA | {
+        ("pods:app.kubernetes.io/name=mlflow", "TCP/5000"),
+        (f"{KFP}component=metadata-grpc-server", "TCP/8080"),
+        (f"{KFP}app=ml-pipeline", "TCP/8887"), (f"{KFP}app=ml-pipeline", "TCP/8888"),
+        ("any", "TCP/443")}
+    assert flows(objects, retrain, "Ingress") == set()
+    assert flows(objects, retrain, "Egress") == DNS | {(f"{KFP}app=ml-pipeline",
+                                                        f"TCP/{kfp_port}")}
+
+    # a rule without a destination is "any address": it shows, and the check above fails
+    loose = copy.deepcopy(objects)
+    the_object(loose, "NetworkPolicy", "mlflow-egress")["spec"]["egress"].append(
+        {"ports": [{"protocol": "TCP", "port": 443}]})
+    assert ("any", "TCP/443") in flows(loose, mlflow, "Egress")
+
+
+# === RBAC ===
+
+READ_VERBS = {"get", "list", "watch"}
+# Kinds a pipeline task must never change: other workloads, credentials, access control.
+PROTECTED_RESOURCES = {
+    "secrets", "deployments", "statefulsets", "daemonsets", "replicasets", "jobs", "cronjobs",
+    "pods", "pods/exec", "pods/attach", "pods/ephemeralcontainers", "services", "configmaps",
+    "serviceaccounts", "serviceaccounts/token", "roles", "rolebindings", "networkpolicies",
+    "persistentvolumeclaims"}
+
+
+def role_problems(role: dict) -> list[str]:
+    """Every way a Role gives more than a pipeline task may have, one line each."""
+    problems = []
+    for number, rule in enumerate(role.get("rules", []), 1):
+        groups, resources, verbs = (set(rule.get(key, [])) for key in
+                                    ("apiGroups", "resources", "verbs"))
+        where = f"rule {number} ({', '.join(sorted(resources))})"
+        if "*" in groups | resources | verbs:
+            problems.append(f"{where}: a wildcard")
+        if "secrets" in resources:
+            problems.append(f"{where}: any access to Secrets")
+        if writes := verbs - READ_VERBS:
+            for resource in sorted(resources & PROTECTED_RESOURCES):
+                problems.append(f"{where}: {'/'.join(sorted(writes))} on {resource}")
+        if "configmaps" in resources and not rule.get("resourceNames"):
+            problems.append(f"{where}: every ConfigMap, not named ones")
+    return problems
+
+
+def rules_without_a_comment(text: str) -> list[str]:
+    """The rules of a Role's YAML source that no comment line directly precedes."""
+    lines = text.splitlines()
+    return [line.strip() for i, line in enumerate(lines)
+            if line.strip().startswith("- apiGroups:") and not lines[i - 1].strip().startswith("#")]
+
+
+def test_pipeline_role_is_what_kfp_task_pods_need_and_no_more(overlays):
+    for objects in overlays.values():
+        role = the_object(objects, "Role", "mask-rcnn-pipeline-runner")
+        assert role_problems(role) == []
+        assert role["rules"] == [
+            # KFP's driver and launcher read their own pod
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+            # KFP's launcher settings
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-launcher"],
+             "verbs": ["get"]},
+            # Argo's executor records step results
+            {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"],
+             "verbs": ["create", "patch"]},
+        ]
+        assert [obj["metadata"]["name"] for obj in objects_of(objects, "Role")] == [
+            "mask-rcnn-pipeline-runner"]
+        assert objects_of(objects, "ClusterRole") == objects_of(objects, "ClusterRoleBinding") == []
+    assert rules_without_a_comment((K8S / "base" / "pipeline-rbac.yaml").read_text()) == []
+
+
+def test_role_check_reports_each_kind_of_overreach():
+    role = {"rules": [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "watch", "patch"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["*"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+    ]}
+    assert role_problems(role) == [
+        "rule 1 (pods): patch on pods",
+        "rule 2 (secrets): any access to Secrets",
+        "rule 3 (deployments): a wildcard",
+        "rule 3 (deployments): * on deployments",
+        "rule 4 (configmaps): every ConfigMap, not named ones",
+    ]
+    assert rules_without_a_comment("rules:\n  # why\n  - apiGroups: []\n  - apiGroups: [x]\n") \
+        == ["- apiGroups: [x]"]
 
 
 def test_gpu_pool_settings_are_the_same_in_every_overlay(overlays):
@@ -451,13 +687,23 @@ def secrets_referenced(objects: list[dict]) -> set[str]:
     return names
 
 
+def secrets_the_pipeline_reads() -> set[str]:
+    """Secrets the compiled pipeline's task pods take environment variables from."""
+    _, platform = yaml.safe_load_all(PIPELINE_PACKAGE.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return {ref["secretName"] for executor in executors.values()
+            for ref in executor.get("secretAsEnv", [])}
+
+
 def test_every_referenced_secret_is_created_by_a_readme_command(overlays):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Deploying to a cluster", 1)[-1]
     documented = set(re.findall(r"kubectl\b.*?create secret generic ([\w.-]+)", section))
+    assert secrets_the_pipeline_reads() == {"mlflow-pipeline-credentials"}
+    assert secrets_the_pipeline_reads() <= documented
     for objects in overlays.values():
         referenced = secrets_referenced(objects)
-        assert referenced, "the MLflow database credentials should come from a Secret"
+        assert {"mlflow-postgres", "mlflow-admin"} <= referenced  # database, MLflow's admin
         assert referenced <= documented
         assert objects_of(objects, "Secret") == []
 
@@ -499,6 +745,22 @@ def test_retraining_cronjob_arguments_parse_with_the_cli(overlays):
     except SystemExit as exit_:
         pytest.fail(f"mrcnn rejects the CronJob's arguments {args} (exit {exit_.code})")
     assert (parsed.command, parsed.handler.__name__) == ("pipeline", "_pipeline_submit")
+
+
+def test_retraining_cronjob_passes_the_weights_sha256_to_the_pipeline(overlays):
+    from pipeline.submit import PACKAGE, run_arguments
+
+    digest = "ab" * 32
+    for name, objects in overlays.items():
+        config = the_object(objects, "ConfigMap", PIPELINE_CONFIG)["data"]
+        assert "WEIGHTS_SHA256" in config, name  # the CronJob's environment (envFrom)
+        env_from = retrain_container(objects)["envFrom"]
+        assert env_from == [{"configMapRef": {"name": PIPELINE_CONFIG}}]
+        pinned = run_arguments(PACKAGE, [], {**config, "WEIGHTS_SHA256": digest})
+        assert pinned["weights_sha256"] == digest
+        # empty: not sent, so the package default "" applies (fetch-weights warns, unverified)
+        unpinned = run_arguments(PACKAGE, [], {**config, "WEIGHTS_SHA256": ""})
+        assert "weights_sha256" not in unpinned
 
 
 # === Argo CD ===
@@ -544,6 +806,130 @@ def test_argocd_application_syncs_the_prod_overlay(overlays):
     assert destination["namespace"] == namespace["metadata"]["name"]
 
 
+PROTECTED = "argocd.argoproj.io/sync-options"
+
+
+def sync_options(obj: dict) -> set[str]:
+    text = obj["metadata"].get("annotations", {}).get(PROTECTED, "")
+    return {option.strip() for option in text.split(",") if option.strip()}
+
+
+def unprotected(objects: list[dict]) -> list[str]:
+    """The Namespace and PersistentVolumeClaims that Argo CD may prune or delete."""
+    return [f"{obj['kind']}/{obj['metadata']['name']}" for obj in objects
+            if obj["kind"] in ("Namespace", "PersistentVolumeClaim")
+            and not {"Prune=false", "Delete=false"} <= sync_options(obj)]
+
+
+def appproject_problems(project: dict, app: dict, objects: list[dict]) -> list[str]:
+    """How the AppProject fails to confine the Application to its repository, namespace and
+    the kinds its overlay holds, one line each."""
+    spec, problems = project["spec"], []
+    if project["metadata"]["name"] == "default" or app["spec"]["project"] != \
+            project["metadata"]["name"]:
+        problems.append("the Application is not in this (non-default) project")
+    if spec.get("sourceRepos") != [app["spec"]["source"]["repoURL"]]:
+        problems.append("sourceRepos is not exactly the Application's repository")
+    destination = app["spec"]["destination"]
+    if spec.get("destinations") != [{"server": destination["server"],
+                                     "namespace": destination["namespace"]}]:
+        problems.append("destinations is not exactly the Application's namespace")
+    allowed = {(kind["group"], kind["kind"]) for key in ("clusterResourceWhitelist",
+                                                         "namespaceResourceWhitelist")
+               for kind in spec.get(key, [])}
+    used = {(obj["apiVersion"].rpartition("/")[0], obj["kind"]) for obj in objects}
+    if allowed != used:
+        problems.append(f"allowed kinds differ from the overlay's: {sorted(allowed ^ used)}")
+    if {kind["kind"] for kind in spec.get("clusterResourceWhitelist", [])} != {"Namespace"}:
+        problems.append("cluster-scoped kinds other than Namespace are allowed")
+    return problems
+
+
+def test_argocd_application_has_its_own_project_and_protects_what_holds_data(overlays):
+    app = yaml.safe_load((K8S / "argocd" / "application.yaml").read_text())
+    project = yaml.safe_load((K8S / "argocd" / "appproject.yaml").read_text())
+    assert project["kind"] == "AppProject" and project["apiVersion"] == "argoproj.io/v1alpha1"
+    assert project["metadata"]["namespace"] == app["metadata"]["namespace"]
+    assert appproject_problems(project, app, overlays["prod"]) == []
+    assert ("", "Secret") not in {(k["group"], k["kind"])
+                                  for k in project["spec"]["namespaceResourceWhitelist"]}
+
+    for objects in overlays.values():
+        assert len(objects_of(objects, "Namespace")) == 1
+        assert objects_of(objects, "PersistentVolumeClaim")
+        assert unprotected(objects) == []
+    # the Secrets, created out of band, carry the same annotation (README's command)
+    readme = (ROOT / "README.md").read_text().split("## Deploying to a cluster", 1)[-1]
+    created = set(re.findall(r"create secret generic ([\w.-]+)", readme))
+    [annotate] = re.findall(r"annotate secret ((?:[\w.-]+ )+)\\?\s*" + PROTECTED +
+                            r"=Prune=false,Delete=false", readme)
+    assert created and created == set(annotate.split())
+
+    # what each check catches
+    careless = copy.deepcopy(overlays["prod"])
+    del the_object(careless, "PersistentVolumeClaim", "mask-rcnn-checkpoints")["metadata"][
+        "annotations"]
+    assert unprotected(careless) == ["PersistentVolumeClaim/mask-rcnn-checkpoints"]
+    loose = copy.deepcopy(project)
+    loose["metadata"]["name"] = "default"
+    loose["spec"]["sourceRepos"] = ["*"]
+    loose["spec"]["destinations"][0]["namespace"] = "*"
+    loose["spec"]["clusterResourceWhitelist"].append({"group": "*", "kind": "*"})
+    assert appproject_problems(loose, {**app, "spec": {**app["spec"], "project": "default"}},
+                               overlays["prod"]) == [
+        "the Application is not in this (non-default) project",
+        "sourceRepos is not exactly the Application's repository",
+        "destinations is not exactly the Application's namespace",
+        "allowed kinds differ from the overlay's: [('*', '*')]",
+        "cluster-scoped kinds other than Namespace are allowed",
+    ]
+
+
+def closed(schema: dict) -> dict:
+    """A CRD's structural schema that refuses unknown fields, as `kubectl apply
+    --validate=strict` does (the API server would otherwise drop them without a word)."""
+    schema = dict(schema)
+    if "properties" in schema:
+        schema["properties"] = {name: closed(sub) for name, sub in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get(
+                "x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            schema[key] = closed(schema[key])
+    return schema
+
+
+def custom_resource_errors(obj: dict, crd_path: Path) -> list[str]:
+    """One line per way `obj` breaks the (closed) schema of its version in the CRD file."""
+    import jsonschema
+
+    crd = yaml.safe_load(crd_path.read_text())
+    assert obj["kind"] == crd["spec"]["names"]["kind"]
+    group, _, version = obj["apiVersion"].partition("/")
+    assert group == crd["spec"]["group"]
+    [served] = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    validator = jsonschema.Draft7Validator(closed(served["schema"]["openAPIV3Schema"]))
+    return sorted(f"{'.'.join(str(part) for part in error.path)}: {error.message}"
+                  for error in validator.iter_errors(obj))
+
+
+APPPROJECT_CRD = ROOT / "tests" / "schemas" / "argocd-appproject-crd-v3.5.1.yaml"
+
+
+def test_appproject_passes_the_argocd_crd_schema():
+    project = yaml.safe_load((K8S / "argocd" / "appproject.yaml").read_text())
+    assert custom_resource_errors(project, APPPROJECT_CRD) == []
+
+    typo = copy.deepcopy(project)
+    typo["spec"]["namespaceResourceWhitelis"] = typo["spec"].pop("namespaceResourceWhitelist")
+    typo["spec"]["destinations"][0]["namespace"] = ["mask-rcnn"]
+    errors = custom_resource_errors(typo, APPPROJECT_CRD)
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("spec.destinations.0.namespace: ")
+    assert "'namespaceResourceWhitelis' was unexpected" in errors[1]
+
+
 def test_argocd_check_reports_missing_fields():
     app = {
         "apiVersion": "argoproj.io/v1beta1",
@@ -564,6 +950,104 @@ def test_argocd_check_reports_missing_fields():
         "spec.destination.namespace is missing",
         "spec.syncPolicy.automated is not a mapping",
     ]
+
+
+# === MLflow authentication ===
+
+AUTH_CONFIG = K8S / "base" / "mlflow-basic-auth.ini"
+
+
+def auth_config_on_sqlite(folder: Path) -> Path:
+    """The shipped basic-auth config with its user store moved to a SQLite file in `folder`."""
+    parser = configparser.ConfigParser()
+    assert parser.read(AUTH_CONFIG) == [str(AUTH_CONFIG)]
+    parser["mlflow"]["database_uri"] = f"sqlite:///{folder / 'auth.db'}"
+    path = folder / "basic_auth.ini"
+    with path.open("w") as file:
+        parser.write(file)
+    return path
+
+
+def mlflow_status(url: str, method: str, endpoint: str, body: dict | None = None,
+                  user: tuple[str, str] | None = None) -> int:
+    """The HTTP status of one MLflow REST call, with basic auth when `user` is given."""
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{endpoint}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"})
+    if user is not None:
+        token = base64.b64encode(":".join(user).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_mlflow_auth_config_refuses_writes_by_default():
+    parser = configparser.ConfigParser()
+    parser.read(AUTH_CONFIG)
+    config = parser["mlflow"]
+    assert config["default_permission"] in {"READ", "NO_PERMISSIONS"}
+    assert config["database_uri"].startswith("postgresql")  # beside MLflow's own database
+    # nothing secret in the file: the admin comes from the Secret, through the environment
+    assert "admin_password" not in config and "@" not in config["database_uri"]
+
+
+@pytest.mark.slow  # 26 s here with both cores shared (a server start, PBKDF2 password checks)
+def test_authenticated_mlflow_refuses_anonymous_writes_and_takes_the_pipelines(
+        tmp_path, monkeypatch):
+    """The shipped auth config on a real server: anonymous calls get 401, the pipeline's user
+    (MLFLOW_TRACKING_USERNAME/PASSWORD, as the Secret sets them in task pods) logs a stage
+    through StageTracker, a read-only user reads it and cannot write to it (403)."""
+    from mlflow import MlflowClient
+    from mlflow.server.auth.client import AuthServiceClient
+
+    from trainer.stages.tracking import StageTracker, TrackingSettings
+
+    admin = ("admin", secrets.token_urlsafe(16))
+    pipeline_user = ("mask-rcnn-pipeline", secrets.token_urlsafe(16))
+    reader = ("reader", secrets.token_urlsafe(16))
+    server_env = {"MLFLOW_AUTH_CONFIG_PATH": str(auth_config_on_sqlite(tmp_path)),
+                  "MLFLOW_AUTH_ADMIN_USERNAME": admin[0],
+                  "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+                  "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+
+    def signed_in_as(user: tuple[str, str]) -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user[1])
+
+    with mlflow_server(tmp_path / "mlflow", app_name="basic-auth", env=server_env) as url:
+        # README's commands: the admin adds the pipeline's user and a read-only user
+        signed_in_as(admin)
+        for user in (pipeline_user, reader):
+            AuthServiceClient(url).create_user(*user)
+
+        assert mlflow_status(url, "POST", "experiments/create", {"name": "x"}) == 401
+        assert mlflow_status(url, "GET", "experiments/search?max_results=1") == 401
+        wrong = (pipeline_user[0], "not-the-password")
+        assert mlflow_status(url, "POST", "experiments/create", {"name": "x"}, wrong) == 401
+
+        signed_in_as(pipeline_user)
+        settings = TrackingSettings(url, "mask-rcnn", "kfp-run-1")
+        with StageTracker(settings, "train-heads") as tracker:
+            tracker.log_metrics({"loss": 1.5}, step=1)
+        assert tracker.failure is None and tracker.run_id is not None
+
+        metric = {"run_id": tracker.run_id, "key": "loss", "value": 0.0, "timestamp": 0,
+                  "step": 2}
+        assert mlflow_status(url, "POST", "runs/log-metric", metric) == 401
+        assert mlflow_status(url, "POST", "runs/delete", {"run_id": tracker.run_id}) == 401
+        assert mlflow_status(url, "GET", f"runs/get?run_id={tracker.run_id}", None,
+                             reader) == 200
+        assert mlflow_status(url, "POST", "runs/log-metric", metric, reader) == 403
+        assert mlflow_status(url, "POST", "runs/delete", {"run_id": tracker.run_id},
+                             reader) == 403
+
+        signed_in_as(reader)
+        history = MlflowClient(url).get_metric_history(tracker.run_id, "loss")
+        assert [(m.step, m.value) for m in history] == [(1, 1.5)]
 
 
 # === The image ===

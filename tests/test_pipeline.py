@@ -66,7 +66,7 @@ def test_training_tasks_request_gpus_on_the_gpu_pool_and_retry():
     assert params["gpu_type"]["defaultValue"] == "nvidia.com/gpu"
 
 
-def test_every_task_gets_the_tracking_uri_from_the_config_map_and_the_run_id():
+def test_every_task_gets_the_tracking_uri_credentials_run_key_and_pod_labels():
     spec, executors = compiled_documents(submit.PACKAGE)
     assert set(executors) == set(spec["deploymentSpec"]["executors"])  # all five task kinds
     for name, platform in executors.items():
@@ -74,8 +74,21 @@ def test_every_task_gets_the_tracking_uri_from_the_config_map_and_the_run_id():
         assert config_map["configMapName"] == "mask-rcnn-pipeline-config", name
         assert config_map["keyToEnv"] == [{"configMapKey": "MLFLOW_TRACKING_URI",
                                            "envVar": "MLFLOW_TRACKING_URI"}]
-        assert platform["fieldPathAsEnv"] == [{"fieldPath": "metadata.labels['pipeline/runid']",
-                                               "name": "MRCNN_PIPELINE_RUN_ID"}]
+        # MLflow's basic-auth user of the pipeline, read by MLflow's client from these names
+        [secret] = platform["secretAsEnv"]
+        assert secret["secretName"] == "mlflow-pipeline-credentials", name
+        assert secret["keyToEnv"] == [
+            {"secretKey": "username", "envVar": "MLFLOW_TRACKING_USERNAME"},
+            {"secretKey": "password", "envVar": "MLFLOW_TRACKING_PASSWORD"}]
+        # the run id, and the workflow's name that keys the run when the run id label is missing
+        assert platform["fieldPathAsEnv"] == [
+            {"fieldPath": "metadata.labels['pipeline/runid']", "name": "MRCNN_PIPELINE_RUN_ID"},
+            {"fieldPath": "metadata.labels['workflows.argoproj.io/workflow']",
+             "name": "MRCNN_PIPELINE_WORKFLOW"}]
+        # the labels k8s/base/networkpolicies.yaml selects task pods by (tests/test_deploy.py)
+        assert platform["podMetadata"]["labels"] == {
+            "app.kubernetes.io/part-of": "mask-rcnn-pipeline",
+            "app.kubernetes.io/name": "mask-rcnn-task"}
 
 
 def test_components_run_the_package_version_image():

@@ -142,6 +142,23 @@ def test_settings_from_env_take_the_kfp_run_id(monkeypatch):
     found = TrackingSettings.from_env("sqlite:///x.db", "exp")
     assert found == TrackingSettings("sqlite:///x.db", "exp", "0b5c-run", "local 20250101")
     monkeypatch.delenv(tracking.RUN_ID_ENV)
+    monkeypatch.delenv(tracking.WORKFLOW_ENV, raising=False)
+    assert TrackingSettings.from_env().pipeline_run_id.startswith("unknown-")
+
+
+def test_without_the_run_id_label_every_retry_is_keyed_by_the_workflow(monkeypatch, capsys):
+    # Kubernetes gives an empty value for a label the pod lacks.
+    monkeypatch.setenv(tracking.RUN_ID_ENV, "")
+    monkeypatch.setenv(tracking.WORKFLOW_ENV, "mask-rcnn-x7k2p")
+    first, retry = TrackingSettings.from_env(), TrackingSettings.from_env()
+    assert first.pipeline_run_id == retry.pipeline_run_id == "workflow-mask-rcnn-x7k2p"
+    assert "keyed by its workflow" in capsys.readouterr().err
+    # the run id label, when present, wins
+    monkeypatch.setenv(tracking.RUN_ID_ENV, "0b5c-run")
+    assert TrackingSettings.from_env().pipeline_run_id == "0b5c-run"
+    # neither: a key of its own (a retry cannot find the first attempt's folder)
+    monkeypatch.setenv(tracking.RUN_ID_ENV, "")
+    monkeypatch.setenv(tracking.WORKFLOW_ENV, "")
     assert TrackingSettings.from_env().pipeline_run_id.startswith("unknown-")
 
 

@@ -205,6 +205,17 @@ def test_local_path_and_file_uri(tmp_path: Path, demo_h5: bytes, demo_config: Co
     assert out.exists()
 
 
+def test_a_fetch_without_sha256_is_not_verified_and_says_so(
+        tmp_path: Path, demo_h5: bytes, demo_config: Config, out: Path) -> None:
+    source = tmp_path / "local.h5"
+    source.write_bytes(demo_h5)
+    digest = hashlib.sha256(demo_h5).hexdigest()
+    [warning] = fetch_weights(str(source), out, config=demo_config)["warnings"]
+    assert warning.startswith("no sha256 given: the file was not verified")
+    assert digest in warning and "WEIGHTS_SHA256" in warning
+    assert fetch_weights(str(source), out, config=demo_config, sha256=digest)["warnings"] == []
+
+
 def test_none_source_is_random_initialisation(demo_config: Config, out: Path) -> None:
     out.parent.mkdir()
     out.write_bytes(b"the user's own weights")

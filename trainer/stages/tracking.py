@@ -42,6 +42,9 @@ DATASET_CONTEXT_TAG = "mlflow.data.context"
 SYSTEM_METRICS_SECONDS = 10.0  # sampling period of the system/* metrics
 RUN_ID_ENV = "MRCNN_PIPELINE_RUN_ID"
 RUN_NAME_ENV = "MRCNN_PIPELINE_RUN_NAME"
+# The name of the Argo Workflow that runs the KFP run: the same for every task of the run and
+# every retry of a task, so it keys the run when RUN_ID_ENV is empty.
+WORKFLOW_ENV = "MRCNN_PIPELINE_WORKFLOW"
 DEFAULT_EXPERIMENT = "mask-rcnn"
 STAGES = ("fetch-weights", "prepare-data", "train-heads", "train-all", "evaluate")
 EVALUATION_METRICS = ("bbox_mAP", "bbox_mAP50", "segm_mAP", "segm_mAP50", "voc_mAP50")
@@ -71,8 +74,18 @@ class TrackingSettings:
     @classmethod
     def from_env(cls, uri: str = "", experiment: str = "") -> TrackingSettings:
         """The pipeline run from the task's environment: RUN_ID_ENV (on Kubeflow, the pod's
-        `pipeline/runid` label; `mrcnn run` sets it for its tasks) and RUN_NAME_ENV."""
+        `pipeline/runid` label; `mrcnn run` sets it for its tasks) and RUN_NAME_ENV.
+
+        Kubernetes sets an empty value for a label the pod lacks. Then WORKFLOW_ENV (the pod's
+        `workflows.argoproj.io/workflow` label) keys the run as `workflow-<name>`: stable
+        across the run's tasks and retries, so a retried train task still finds its run's
+        checkpoint folder. Without either, the stage gets a random key (and says so)."""
         run_id = os.environ.get(RUN_ID_ENV, "")
+        workflow = os.environ.get(WORKFLOW_ENV, "")
+        if not run_id and workflow:
+            run_id = f"workflow-{workflow}"
+            print(f"MLflow: {RUN_ID_ENV} is empty (no pipeline/runid label): the run is keyed "
+                  f"by its workflow ({run_id})", file=sys.stderr)
         if not run_id:
             run_id = f"unknown-{uuid.uuid4().hex[:12]}"
             print(f"MLflow: {RUN_ID_ENV} is not set: this stage gets a parent run of its own "

@@ -161,11 +161,18 @@ def _model_summary(config: Config) -> dict:
     return {"BACKBONE": config.BACKBONE, "NUM_CLASSES": config.NUM_CLASSES}
 
 
-def _warnings(config: Config, initialisation: str) -> list[str]:
+def _warnings(config: Config, initialisation: str, unverified_sha256: str | None = None
+              ) -> list[str]:
+    """`unverified_sha256`: the digest of a file fetched without an expected one."""
+    warnings = []
     if initialisation == "random" and not config.TRAIN_BN:
-        return ["TRAIN_BN is false: BatchNorm statistics stay at their initial values; "
-                "training from random initialisation needs TRAIN_BN=true"]
-    return []
+        warnings.append("TRAIN_BN is false: BatchNorm statistics stay at their initial values; "
+                        "training from random initialisation needs TRAIN_BN=true")
+    if unverified_sha256 is not None:
+        warnings.append(f"no sha256 given: the file was not verified; its sha256 is "
+                        f"{unverified_sha256} (pin it with --sha256, the pipeline parameter "
+                        "weights_sha256 or the ConfigMap key WEIGHTS_SHA256)")
+    return warnings
 
 
 # === Public API ===
@@ -191,7 +198,8 @@ def fetch_weights(
     `exclude` names layers not to load (e.g. CLASS_SPECIFIC_LAYERS for another NUM_CLASSES).
     Writes the report to `report_path` (default `{out}.report.json`, a name derived from
     `out`, so it never replaces an unrelated file) and returns it: source, bytes, sha256, the
-    file's Keras version and backend, layer counts and lists, `ok` and `error`.
+    file's Keras version and backend, layer counts and lists, `ok`, `error` and `warnings`
+    (one says so when no `sha256` was given: the file was not verified).
     `source="none"` is random initialisation: no file is written and `out` is left alone.
     Raises a one-line UserError (StorageError, WeightsFileError, WeightsMismatchError,
     ArchitectureMismatchError, UnsupportedSourceError); then `out` is as it was before the
@@ -236,6 +244,7 @@ def fetch_weights(
         report.update(ok=False, error=message)
         _write_report(report_path, report)
         raise type(err)(message) from err
-    report.update(ok=True, error=None, warnings=_warnings(config, "pretrained"))
+    report.update(ok=True, error=None, warnings=_warnings(
+        config, "pretrained", unverified_sha256=None if expected else report["sha256"]))
     _write_report(report_path, report)
     return report
