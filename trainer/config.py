@@ -294,7 +294,8 @@ def _validate(v: dict[str, Any]) -> None:
                 "IMAGE_CHANNEL_COUNT", "RPN_ANCHOR_STRIDE", "TOP_DOWN_PYRAMID_SIZE",
                 "FPN_CLASSIF_FC_LAYERS_SIZE"):
         check(v[key] >= 1, f"{key} must be at least 1, got {v[key]}")
-    check(v["VALIDATION_STEPS"] >= 0, f"VALIDATION_STEPS must be >= 0, got {v['VALIDATION_STEPS']}")
+    check(v["VALIDATION_STEPS"] >= 0,
+          f"VALIDATION_STEPS must be >= 0 (0: no validation), got {v['VALIDATION_STEPS']}")
     check(v["NUM_CLASSES"] >= 2,
           f"NUM_CLASSES counts the background too: it must be at least 2, got {v['NUM_CLASSES']}")
     for key, choices in (("OPTIMIZER", OPTIMIZERS), ("NORM", NORMS), ("LR_DECAY", LR_DECAYS)):

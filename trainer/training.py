@@ -312,6 +312,10 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
         print(f"Already at epoch {model.epoch}; epochs={epochs}: nothing to train.")
         return None
     regex = resolve_layers(layers)
+    if config.VALIDATION_STEPS == 0:
+        # No validation (Keras 3 would read 0 steps as "until the data ends": on a repeated
+        # validation set, never).
+        val_data = None
     train_set, val_set = _datasets(model, train_data, val_data, augmentation,
                                    no_augmentation_sources)
     model.log_dir.mkdir(parents=True, exist_ok=True)
