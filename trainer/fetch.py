@@ -182,7 +182,7 @@ def _model_summary(config: Config) -> dict:
 
 
 def _warnings(config: Config, initialisation: str) -> list[str]:
-    if initialisation == "random" and not config.TRAIN_BN:
+    if initialisation == "random" and not config.TRAIN_BN and config.NORM == "batch":
         return ["TRAIN_BN is false: BatchNorm statistics stay at their initial values; "
                 "training from random initialisation needs TRAIN_BN=true"]
     return []

@@ -347,7 +347,8 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
     guard = NonFiniteLossGuard()
     checkpoint = EpochCheckpoint(model.log_dir, config.NAME, guard,
                                  {"layers": regex, "learning_rate": learning_rate})
-    precise_bn = [PreciseBatchNorm(iter(train_set), guard)] if config.TRAIN_BN else []
+    uses_batch_statistics = config.TRAIN_BN and config.NORM == "batch"  # GroupNorm has none
+    precise_bn = [PreciseBatchNorm(iter(train_set), guard)] if uses_batch_statistics else []
     callbacks = [guard, *precise_bn, checkpoint,
                  keras.callbacks.TensorBoard(log_dir=str(model.log_dir), write_graph=False),
                  *(custom_callbacks or [])]

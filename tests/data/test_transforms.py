@@ -66,3 +66,26 @@ def test_images_left_without_objects_are_skipped():
     batches = examples_dataset([crowd, full, crowd], config, shuffle=False, repeat=False)
     ids = [batch["input_gt_class_ids"].numpy()[0] for batch in batches]
     assert len(ids) == 1 and (ids[0] > 0).sum() == 2
+
+
+def test_a_dataset_is_one_source_so_every_class_is_active():
+    # Kept on purpose (README, "What differs"): matterport's active_class_ids served datasets
+    # merged from several sources; ours are one source each, so every class is active and the
+    # class loss leaves no ROI out.
+    from trainer.data.transforms import training_example
+    from trainer.model.anchors import anchors_for_image
+    from trainer.model.image_meta import parse_image_meta
+    from trainer.model.losses import mrcnn_class_loss
+
+    config = Config.from_yaml("configs/demo.yaml")
+    masks = np.zeros((128, 128, 1), bool)
+    masks[10:40, 10:40, 0] = True
+    out = training_example(tf.zeros((128, 128, 3), tf.uint8), tf.constant(masks),
+                           tf.constant([2]), config,
+                           tf.constant(anchors_for_image(config, config.IMAGE_SHAPE)))
+    active = parse_image_meta(out["input_image_meta"])["active_class_ids"]
+    np.testing.assert_array_equal(active.numpy(), np.ones(config.NUM_CLASSES))
+    logits = tf.constant([[[0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]]])
+    loss = mrcnn_class_loss(tf.constant([[2, 0]]), logits, active[None], tf.constant([[1, 1]]))
+    plain = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.constant([[2, 0]]), logits)
+    np.testing.assert_allclose(float(loss), float(tf.reduce_mean(plain)), rtol=1e-6)
