@@ -82,10 +82,13 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 def test_presets_load():
     presets = {name: Config.from_yaml(f"configs/{name}.yaml")
-               for name in ("demo", "shapes", "coco")}
+               for name in ("demo", "shapes", "coco", "shapes-scratch")}
     assert {name: c.NUM_CLASSES for name, c in presets.items()} == {
-        "demo": 4, "shapes": 4, "coco": 81}
-    assert presets["demo"].TRAIN_BN  # the CPU demo trains from random initialisation
+        "demo": 4, "shapes": 4, "coco": 81, "shapes-scratch": 4}
+    # The CPU demo trains from random initialisation: the from-scratch recipe.
+    demo = presets["demo"]
+    assert (demo.BACKBONE, demo.NORM, demo.OPTIMIZER, demo.PROPOSALS_INCLUDE_GT) == (
+        "resnet18", "group", "adam", True)
 
 
 def test_scratch_training_keys_are_validated_and_off_by_default():
