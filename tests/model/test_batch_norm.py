@@ -59,7 +59,7 @@ def test_the_training_graph_feeds_the_mask_head_norms_the_positive_slots_validit
     from trainer import Config, MaskRCNN
 
     config = Config.from_yaml("configs/demo.yaml", ["FPN_CLASSIF_FC_LAYERS_SIZE=64",
-                                                    "TOP_DOWN_PYRAMID_SIZE=32"])
+                                                    "TOP_DOWN_PYRAMID_SIZE=32", "NORM=batch"])
     model = MaskRCNN("training", config).keras_model
     for i in range(1, 5):
         layer = model.get_layer(f"mrcnn_mask_bn{i}")
