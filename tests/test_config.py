@@ -82,10 +82,31 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 def test_presets_load():
     presets = {name: Config.from_yaml(f"configs/{name}.yaml")
-               for name in ("demo", "shapes", "coco")}
+               for name in ("demo", "shapes", "coco", "shapes-scratch")}
     assert {name: c.NUM_CLASSES for name, c in presets.items()} == {
-        "demo": 4, "shapes": 4, "coco": 81}
-    assert presets["demo"].TRAIN_BN  # the CPU demo trains from random initialisation
+        "demo": 4, "shapes": 4, "coco": 81, "shapes-scratch": 4}
+    # The CPU demo trains from random initialisation: the from-scratch recipe.
+    demo = presets["demo"]
+    assert (demo.BACKBONE, demo.NORM, demo.OPTIMIZER, demo.PROPOSALS_INCLUDE_GT) == (
+        "resnet18", "group", "adam", True)
+
+
+def test_scratch_training_keys_are_validated_and_off_by_default():
+    config = Config()
+    assert (config.OPTIMIZER, config.LR_WARMUP_STEPS, config.LR_DECAY, config.NORM,
+            config.PROPOSALS_INCLUDE_GT) == ("sgd", 0, "none", "batch", False)
+    for key, value, message in [
+        ("OPTIMIZER", "rmsprop", "OPTIMIZER must be one of sgd, adam, adamw"),
+        ("NORM", "layer", "NORM must be one of batch, group"),
+        ("LR_DECAY", "step", "LR_DECAY must be one of none, cosine"),
+        ("LR_WARMUP_STEPS", -1, "LR_WARMUP_STEPS must be >= 0"),
+        ("BACKBONE", "resnet34", "BACKBONE must be one of resnet18, resnet50, resnet101"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            Config(**{key: value})
+    with pytest.raises(ConfigError, match="TOP_DOWN_PYRAMID_SIZE must be a multiple of 32"):
+        Config(NORM="group", TOP_DOWN_PYRAMID_SIZE=48)
+    assert Config(NORM="group", OPTIMIZER="adamw", BACKBONE="resnet18").NORM == "group"
 
 
 def test_from_text_reads_what_to_yaml_writes_and_names_its_source_in_errors():

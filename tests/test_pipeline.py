@@ -242,7 +242,7 @@ def test_a_bad_weights_source_fails_the_run_in_fetch_weights_with_its_reason(tmp
 TINY = ["--set", "STEPS_PER_EPOCH=2", "--set", "VALIDATION_STEPS=1",
         "--param", "dataset_count=24", "--param", "val_fraction=0.25",
         "--param", "heads_epochs=1", "--param", "total_epochs=2",
-        "--param", "evaluation_limit=4", "--param", "num_pictures=2",
+        "--param", "evaluation_limit=4", "--param", "num_pictures=2", "--param", "min_map=0",
         "--param", "mlflow_experiment=e2e"]
 LOSSES = ["loss", "rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss",
           "mrcnn_mask_loss"]
@@ -339,3 +339,11 @@ def test_the_whole_pipeline_runs_locally_and_tracks_every_stage_in_mlflow(tmp_pa
     report = output.parent / "report"
     assert report.read_text().startswith("#")
     assert "data:image/png;base64," in (output.parent / "pictures").read_text()
+
+
+def test_from_random_initialisation_the_heads_stage_trains_all_layers():
+    from trainer.stages.train import stage_layers
+
+    assert stage_layers("heads", "none") == "all"
+    assert stage_layers("heads", "/w/weights.h5") == "heads"  # fetched weights: matterport's
+    assert stage_layers("all", "/ckpt/mask_rcnn_demo_0001.h5") == "all"

@@ -29,8 +29,12 @@ LOSS_NAMES = (
     "mrcnn_bbox_loss",
     "mrcnn_mask_loss",
 )
-BACKBONES = ("resnet50", "resnet101")
+BACKBONES = ("resnet18", "resnet50", "resnet101")
 RESIZE_MODES = ("none", "square", "pad64", "crop")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+NORMS = ("batch", "group")
+LR_DECAYS = ("none", "cosine")
+GROUP_NORM_GROUPS = 32  # NORM=group: channels per normalisation group = channels / 32
 
 # Every key with its default (matterport's) and the kind of value it holds. Kinds: "int",
 # "float", "bool", "str", "ints" / "floats" (a fixed- or any-length sequence), "loss_weights".
@@ -79,6 +83,13 @@ _SCHEMA: dict[str, tuple[Any, str]] = {
     "USE_RPN_ROIS": (True, "bool"),
     "TRAIN_BN": (False, "bool"),
     "GRADIENT_CLIP_NORM": (5.0, "float"),
+    # Not matterport's: for training from random initialisation. The defaults keep matterport's
+    # behaviour (SGD at a constant rate, BatchNorm, only RPN proposals as ROIs).
+    "OPTIMIZER": ("sgd", "str"),
+    "LR_WARMUP_STEPS": (0, "int"),
+    "LR_DECAY": ("none", "str"),
+    "NORM": ("batch", "str"),
+    "PROPOSALS_INCLUDE_GT": (False, "bool"),
 }
 DERIVED_KEYS = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
 
@@ -291,9 +302,21 @@ def _validate(v: dict[str, Any]) -> None:
                 "IMAGE_CHANNEL_COUNT", "RPN_ANCHOR_STRIDE", "TOP_DOWN_PYRAMID_SIZE",
                 "FPN_CLASSIF_FC_LAYERS_SIZE"):
         check(v[key] >= 1, f"{key} must be at least 1, got {v[key]}")
-    check(v["VALIDATION_STEPS"] >= 0, f"VALIDATION_STEPS must be >= 0, got {v['VALIDATION_STEPS']}")
+    check(v["VALIDATION_STEPS"] >= 0,
+          f"VALIDATION_STEPS must be >= 0 (0: no validation), got {v['VALIDATION_STEPS']}")
     check(v["NUM_CLASSES"] >= 2,
           f"NUM_CLASSES counts the background too: it must be at least 2, got {v['NUM_CLASSES']}")
+    for key, choices in (("OPTIMIZER", OPTIMIZERS), ("NORM", NORMS), ("LR_DECAY", LR_DECAYS)):
+        check(v[key] in choices, f"{key} must be one of {', '.join(choices)}, got {v[key]!r}")
+    check(v["LR_WARMUP_STEPS"] >= 0,
+          f"LR_WARMUP_STEPS must be >= 0 (0: no warm-up), got {v['LR_WARMUP_STEPS']}")
+    check(v["NORM"] == "batch" or v["TOP_DOWN_PYRAMID_SIZE"] % GROUP_NORM_GROUPS == 0,
+          f"NORM=group splits channels into {GROUP_NORM_GROUPS} groups: TOP_DOWN_PYRAMID_SIZE "
+          f"must be a multiple of {GROUP_NORM_GROUPS}, got {v['TOP_DOWN_PYRAMID_SIZE']}")
+    check(v["NORM"] == "batch" or v["FPN_CLASSIF_FC_LAYERS_SIZE"] % GROUP_NORM_GROUPS == 0,
+          f"NORM=group splits channels into {GROUP_NORM_GROUPS} groups: "
+          f"FPN_CLASSIF_FC_LAYERS_SIZE must be a multiple of {GROUP_NORM_GROUPS}, got "
+          f"{v['FPN_CLASSIF_FC_LAYERS_SIZE']}")
     check(v["BACKBONE"] in BACKBONES,
           f"BACKBONE must be one of {', '.join(BACKBONES)}, got {v['BACKBONE']!r}")
     check(v["IMAGE_RESIZE_MODE"] in RESIZE_MODES,

@@ -24,9 +24,12 @@ from trainer.errors import UserError
 from trainer.model.losses import weight_decay_loss
 from trainer.weights.checkpoints import optimizer_path
 
-# The demo preset, narrowed where it does not change what is tested: fewer weights to trace.
+# The demo preset, narrowed where it does not change what is tested: fewer weights to trace;
+# with matterport's architecture and SGD, whose semantics these tests check.
 SMALL = ["FPN_CLASSIF_FC_LAYERS_SIZE=128", "TOP_DOWN_PYRAMID_SIZE=64", "STEPS_PER_EPOCH=2",
-         "VALIDATION_STEPS=1", "TRAIN_ROIS_PER_IMAGE=16", "POST_NMS_ROIS_TRAINING=64"]
+         "VALIDATION_STEPS=1", "TRAIN_ROIS_PER_IMAGE=16", "POST_NMS_ROIS_TRAINING=64",
+         "BACKBONE=resnet50", "NORM=batch", "OPTIMIZER=sgd", "LR_WARMUP_STEPS=0",
+         "PROPOSALS_INCLUDE_GT=false"]
 
 
 def small_config(*extra: str) -> Config:
@@ -271,3 +274,66 @@ def test_learning_rate_defaults_are_decided_in_one_place():
     assert learning_rate_for(config, 0.005, 0.1) == 0.005  # a given rate is taken as it is
     with pytest.raises(UserError, match="positive, or 0"):
         learning_rate_for(config, -1.0)
+
+
+def test_validation_steps_zero_means_no_validation(tmp_path, shapes_data, monkeypatch):
+    # Keras 3 reads validation_steps=0 as "until the data ends": on the repeated validation
+    # set, never. VALIDATION_STEPS=0 must mean no validation at all.
+    seen = {}
+
+    def fake_fit(self, *args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt
+
+    model = MaskRCNN("training", small_config("VALIDATION_STEPS=0"), model_dir=tmp_path)
+    monkeypatch.setattr(type(model.keras_model), "fit", fake_fit)
+    with pytest.raises(KeyboardInterrupt):
+        model.train(shapes_data, shapes_data, learning_rate=0.001, epochs=1, layers="heads",
+                    verbose=0)
+    assert seen["validation_data"] is None and seen["validation_steps"] is None
+
+
+def test_warmup_and_cosine_schedule_by_global_step():
+    from trainer.engine.training import WarmupCosineSchedule
+
+    schedule = WarmupCosineSchedule(0.1, warmup_steps=4, decay_steps=10)
+    rates = [float(schedule(step)) for step in (0, 1, 3, 5, 10, 20)]
+    # warm-up (step + 1) / 4, times the cosine factor 0.5 (1 + cos(pi step / 10))
+    expected = [0.1 * 0.25 * 1.0, 0.1 * 0.5 * 0.5 * (1 + np.cos(np.pi * 0.1)),
+                0.1 * 0.5 * (1 + np.cos(np.pi * 0.3)), 0.05, 0.0, 0.0]
+    np.testing.assert_allclose(rates, expected, rtol=1e-5, atol=1e-8)
+    # A later stage continues the schedule: start_step counts the earlier epochs' steps.
+    later = WarmupCosineSchedule(0.1, warmup_steps=4, decay_steps=10, start_step=5)
+    assert float(later(0)) == pytest.approx(0.05)
+
+
+def test_optimizer_choices():
+    sgd = make_optimizer(0.01, small_config())
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.global_clipnorm == 5.0
+    adam = make_optimizer(0.001, small_config("OPTIMIZER=adam", "LR_WARMUP_STEPS=10"))
+    assert isinstance(adam, keras.optimizers.Adam)
+    assert float(adam.learning_rate) == pytest.approx(0.0001)  # step 0 of 10 warm-up steps
+    adamw = make_optimizer(0.001, small_config("OPTIMIZER=adamw", "WEIGHT_DECAY=0.05"))
+    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == 0.05
+    # AdamW decays the weights itself: the model adds no L2 term then.
+    assert MaskRCNN("training", small_config("OPTIMIZER=adamw")).keras_model.weight_decay == 0.0
+
+
+@pytest.mark.slow
+def test_adam_state_is_checkpointed_and_restored(tmp_path, shapes_data):
+    config = small_config("OPTIMIZER=adam", "LR_WARMUP_STEPS=3", "VALIDATION_STEPS=0")
+    first = MaskRCNN("training", config, model_dir=tmp_path)
+    first.train(shapes_data, None, learning_rate=0.001, epochs=1, layers="heads", verbose=0)
+    resumed = MaskRCNN("training", config, model_dir=tmp_path)
+    resumed.load_weights(resumed.find_last())
+    seen = {}
+    probe = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: seen.update(
+        iterations=int(resumed.keras_model.optimizer.iterations.numpy()),
+        first_moment=resumed.keras_model.optimizer._momentums[0].numpy()))
+    resumed.train(shapes_data, None, learning_rate=0.001, epochs=2, layers="heads",
+                  custom_callbacks=[probe], verbose=0)
+    with np.load(optimizer_path(first.resume_from)) as saved:
+        assert seen["iterations"] == int(saved["iterations"]) == config.STEPS_PER_EPOCH
+        np.testing.assert_array_equal(seen["first_moment"], saved["slot_00000"])
+        slots = [k for k in saved.files if k.startswith("slot_")]
+        assert len(slots) == 2 * len(first.keras_model.trainable_variables)  # m and v

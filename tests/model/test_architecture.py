@@ -80,7 +80,7 @@ def test_training_and_inference_models_share_layers_by_name():
     training = weighted_layers(build_training_model(config))
     inference = weighted_layers(build_inference_model(config))
     assert training == inference
-    assert training["mrcnn_class_logits"] == [(1024, 4), (4,)]
+    assert training["mrcnn_class_logits"] == [(256, 4), (4,)]  # FPN_CLASSIF_FC_LAYERS_SIZE
 
 
 def test_layers_without_xla_kernels_opt_out_of_jit():
@@ -94,7 +94,7 @@ def test_layers_without_xla_kernels_opt_out_of_jit():
 
 def test_custom_layers_round_trip_their_config():
     from trainer.model.anchors import AnchorsLayer
-    from trainer.model.batch_norm import BatchNorm
+    from trainer.model.batch_norm import BatchNorm, RoiBatchNorm
     from trainer.model.detection import DetectionLayer
     from trainer.model.proposals import ProposalLayer
     from trainer.model.roi_align import PyramidROIAlign
@@ -103,6 +103,7 @@ def test_custom_layers_round_trip_their_config():
     layers = [
         AnchorsLayer((8, 16, 32, 64, 128), (0.5, 1, 2), (4, 8, 16, 32, 64), 2, name="a"),
         BatchNorm(train_bn=True, name="b"),
+        RoiBatchNorm(train_bn=True, name="rb"),
         DetectionLayer(16, 0.6, 0.3, (0.1, 0.1, 0.2, 0.2), name="d"),
         ProposalLayer(100, 0.7, 500, (0.1, 0.1, 0.2, 0.2), name="p"),
         PyramidROIAlign((7, 7), name="r"),
@@ -113,4 +114,4 @@ def test_custom_layers_round_trip_their_config():
         rebuilt = type(layer).from_config(config)
         assert rebuilt.get_config() == config, type(layer).__name__
     assert layers[1].get_config()["train_bn"] is True
-    assert layers[3].get_config()["pre_nms_limit"] == 500
+    assert layers[4].get_config()["pre_nms_limit"] == 500

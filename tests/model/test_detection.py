@@ -33,3 +33,16 @@ def test_confidence_threshold_is_inclusive_and_count_capped():
     boxes = [[0.1 * i, 0.0, 0.1 * i + 0.05, 0.05] for i in range(6)]
     out = run(boxes, [[0.3, 0.7]] * 6, min_confidence=0.7, max_instances=4)
     assert np.all(out[:, 4] == 1)  # a score equal to the threshold is kept, as matterport
+
+
+def test_zero_min_confidence_keeps_positive_scores_and_never_padding():
+    from trainer.model.detection import nms_score_threshold
+
+    # Not the denormal float32 below 0, whose meaning depends on denormal handling.
+    assert nms_score_threshold(0.0) == 0.0
+    assert nms_score_threshold(0.7) == float(np.nextafter(np.float32(0.7), np.float32(-1)))
+    out = run([[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0]],
+              [[0.3, 0.4, 0.3],     # class 1 at 0.4: kept at threshold 0
+               [0.0, 1.0, 0.0]],    # padding ROI: score forced to 0, dropped
+              min_confidence=0.0)
+    np.testing.assert_allclose(out[:, 4:], [[1, 0.4], [0, 0], [0, 0], [0, 0]], rtol=1e-5)

@@ -162,3 +162,20 @@ def test_rpn_targets_crowds_and_no_objects():
     match, _ = rpn_targets(tf.constant(anchors), tf.constant([-1, 0]), tf.constant(boxes), 4, STD)
     # Only a crowd region: no positives, and the anchor on the crowd is not a negative.
     np.testing.assert_array_equal(match.numpy(), [-1, 0, -1])
+
+
+def test_include_gt_adds_the_objects_boxes_to_the_proposals():
+    far = [[0.7, 0.7, 0.9, 0.9], [0.0, 0.0, 0.1, 0.1]]  # no proposal near the object
+    boxes = np.array([[GT, [0.65, 0.65, 0.95, 0.95], [0, 0, 0, 0]]], np.float32)
+    masks = np.zeros((1, 11, 11, 3), bool)
+    args = (tf.constant([far], tf.float32), tf.constant([[1, -1, 0]], tf.int32),
+            tf.constant(boxes), tf.constant(masks))
+    options = dict(rois_per_image=8, positive_ratio=0.5, bbox_std_dev=STD, mask_shape=(5, 5),
+                   use_mini_mask=False)
+    _, class_ids, *_ = detection_targets(*args, **options)
+    assert int(tf.reduce_sum(tf.cast(class_ids > 0, tf.int32))) == 0  # matterport: none
+    rois, class_ids, deltas, _, valid = detection_targets(*args, **options, include_gt=True)
+    # The object's own box is the one positive (the crowd region and padding are not added).
+    assert class_ids.numpy()[0].tolist()[:1] == [1] and int((class_ids.numpy() > 0).sum()) == 1
+    np.testing.assert_allclose(rois.numpy()[0, 0], GT)
+    np.testing.assert_allclose(deltas.numpy()[0, 0], 0.0, atol=1e-6)

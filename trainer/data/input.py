@@ -1,4 +1,5 @@
-"""tf.data pipelines over prepared shards: decode -> transforms -> batch -> prefetch.
+"""tf.data pipelines over prepared shards: decode -> transforms -> skip examples left without a
+non-crowd object (as matterport) -> batch -> prefetch.
 
 `training_dataset` and `evaluation_dataset` yield the model's training inputs (dicts keyed
 `input_image`, `input_image_meta`, `input_rpn_match`, ...; see `transforms.training_example`),
@@ -19,7 +20,7 @@ import tensorflow as tf
 
 from trainer.config import Config
 from trainer.data import tfrecord
-from trainer.data.transforms import training_example
+from trainer.data.transforms import has_objects, training_example
 from trainer.errors import UserError
 from trainer.io import storage
 from trainer.model.anchors import anchors_for_image
@@ -102,7 +103,7 @@ def _pipeline(data_dir: str, config: Config, split: str, to_inputs, shuffle: boo
     if repeat:
         records = records.repeat()
     inputs = records.map(to_inputs, num_parallel_calls=tf.data.AUTOTUNE,
-                         deterministic=not shuffle)
+                         deterministic=not shuffle).filter(has_objects)
     return inputs.batch(config.BATCH_SIZE, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from trainer.config import Config
-from trainer.data.transforms import training_example
+from trainer.data.transforms import has_objects, training_example
 from trainer.model.anchors import anchors_for_image
 
 
@@ -36,5 +36,5 @@ def examples_dataset(samples: Sequence, config: Config, shuffle: bool = True,
     dataset = dataset.map(
         lambda i, image, masks, class_ids: training_example(image, masks, class_ids, config,
                                                             anchors, image_id=i),
-        num_parallel_calls=tf.data.AUTOTUNE)
+        num_parallel_calls=tf.data.AUTOTUNE).filter(has_objects)
     return dataset.batch(config.BATCH_SIZE, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

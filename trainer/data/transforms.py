@@ -155,16 +155,19 @@ def training_example(image: tf.Tensor, masks: tf.Tensor, class_ids: tf.Tensor, c
     boxes = boxes_from_masks(masks)
     # Instances cropped or resized out of sight have no box left: drop them.
     keep = tf.where(boxes[:, 2] > boxes[:, 0])[:, 0]
+    class_ids = tf.cast(class_ids, tf.int32)
+    # The RPN learns from every object (matterport's order); the heads' ground truth is a
+    # random MAX_GT_INSTANCES of them.
+    rpn_match, rpn_bbox = rpn_targets(anchors, tf.gather(class_ids, keep),
+                                      tf.cast(tf.gather(boxes, keep), tf.float32),
+                                      config.RPN_TRAIN_ANCHORS_PER_IMAGE,
+                                      config.RPN_BBOX_STD_DEV)
     keep = tf.random.shuffle(keep)[: config.MAX_GT_INSTANCES]
     boxes = tf.gather(boxes, keep)
-    class_ids = tf.gather(tf.cast(class_ids, tf.int32), keep)
+    class_ids = tf.gather(class_ids, keep)
     masks = tf.gather(masks, keep, axis=2)
     if config.USE_MINI_MASK:
         masks = mini_masks(masks, boxes, config.MINI_MASK_SHAPE)
-
-    rpn_match, rpn_bbox = rpn_targets(anchors, class_ids, tf.cast(boxes, tf.float32),
-                                      config.RPN_TRAIN_ANCHORS_PER_IMAGE,
-                                      config.RPN_BBOX_STD_DEV)
     if active_class_ids is None:
         active_class_ids = tf.ones([config.NUM_CLASSES])
     meta = compose_image_meta(image_id, original_shape, tf.shape(image), geometry["window"],
@@ -179,3 +182,10 @@ def training_example(image: tf.Tensor, masks: tf.Tensor, class_ids: tf.Tensor, c
         "input_gt_boxes": tf.cast(pad_instances(boxes, max_gt), tf.float32),
         "input_gt_masks": tf.cast(pad_instances(masks, max_gt, axis=2), tf.uint8),
     }
+
+
+def has_objects(inputs: dict) -> tf.Tensor:
+    """Whether a training example (see `training_example`) keeps at least one non-crowd
+    object. Matterport skips the others: resizing, cropping or augmentation may have removed
+    every object, and an image with nothing to find teaches the heads nothing."""
+    return tf.reduce_any(inputs["input_gt_class_ids"] > 0)

@@ -106,12 +106,68 @@ def learning_rate_for(config, learning_rate: float = 0.0, factor: float = 1.0) -
     return learning_rate if learning_rate > 0 else config.LEARNING_RATE * factor
 
 
-def make_optimizer(learning_rate: float, config) -> keras.optimizers.Optimizer:
-    """SGD with LEARNING_MOMENTUM, gradients clipped by their GLOBAL norm: Keras 2's
+@keras.saving.register_keras_serializable(package="mrcnn")
+class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """LEARNING_RATE with an optional linear warm-up and cosine decay, by global step.
+
+    The global step is `start_step + optimizer.iterations` (start_step: the steps of earlier
+    epochs, so a stage that continues a run continues its schedule). Warm-up multiplies the
+    rate by (step + 1) / warmup_steps for the first warmup_steps steps; cosine decay multiplies
+    it by 0.5 (1 + cos(pi step / decay_steps)), reaching 0 at decay_steps (0: no decay).
+    """
+
+    def __init__(self, learning_rate: float, warmup_steps: int = 0, decay_steps: int = 0,
+                 start_step: int = 0):
+        self.learning_rate = float(learning_rate)
+        self.warmup_steps = int(warmup_steps)
+        self.decay_steps = int(decay_steps)
+        self.start_step = int(start_step)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32) + float(self.start_step)
+        rate = tf.constant(self.learning_rate)
+        if self.warmup_steps:
+            rate *= tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+        if self.decay_steps:
+            progress = tf.minimum(step / float(self.decay_steps), 1.0)
+            rate *= 0.5 * (1.0 + tf.cos(math.pi * progress))
+        return rate
+
+    def get_config(self) -> dict:
+        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps,
+                "decay_steps": self.decay_steps, "start_step": self.start_step}
+
+
+def make_optimizer(learning_rate: float, config, start_step: int = 0,
+                   end_step: int = 0) -> keras.optimizers.Optimizer:
+    """The config's OPTIMIZER with gradients clipped by their GLOBAL norm: Keras 2's
     `clipnorm` (matterport's GRADIENT_CLIP_NORM) clipped all gradients together; Keras 3's
-    `clipnorm` clips each one separately, its `global_clipnorm` is the old meaning."""
-    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
-                                global_clipnorm=config.GRADIENT_CLIP_NORM)
+    `clipnorm` clips each one separately, its `global_clipnorm` is the old meaning.
+
+    sgd (matterport's): momentum LEARNING_MOMENTUM. adam: Adam (beta_1 0.9), whose steps do not
+    depend on the gradients' scale: from random initialisation the first convolution's
+    gradient (un-normalised pixels before a BatchNorm) is thousands of times the heads', and
+    clipping SGD by the global norm leaves the heads almost no step. adamw: Adam with
+    WEIGHT_DECAY applied as decoupled decay (the model then adds no L2 term), BatchNorm and
+    GroupNorm gamma/beta excluded as in matterport's L2.
+    With LR_WARMUP_STEPS or LR_DECAY the rate follows `WarmupCosineSchedule` from global step
+    `start_step`; cosine decay ends at `end_step` (the epoch this training stops at).
+    """
+    rate = learning_rate
+    if config.LR_WARMUP_STEPS or config.LR_DECAY != "none":
+        rate = WarmupCosineSchedule(
+            learning_rate, config.LR_WARMUP_STEPS,
+            end_step if config.LR_DECAY == "cosine" else 0, start_step)
+    clip = config.GRADIENT_CLIP_NORM
+    if config.OPTIMIZER == "adam":
+        return keras.optimizers.Adam(learning_rate=rate, global_clipnorm=clip)
+    if config.OPTIMIZER == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate=rate, weight_decay=config.WEIGHT_DECAY,
+                                           global_clipnorm=clip)
+        optimizer.exclude_from_weight_decay(var_names=["gamma", "beta"])
+        return optimizer
+    return keras.optimizers.SGD(learning_rate=rate, momentum=config.LEARNING_MOMENTUM,
+                                global_clipnorm=clip)
 
 
 def recompute_bn_statistics(keras_model: keras.Model, batches, steps: int = 1) -> int:
@@ -254,6 +310,10 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
         print(f"Already at epoch {model.epoch}; epochs={epochs}: nothing to train.")
         return None
     regex = resolve_layers(layers)
+    if config.VALIDATION_STEPS == 0:
+        # No validation (Keras 3 would read 0 steps as "until the data ends": on a repeated
+        # validation set, never).
+        val_data = None
     train_set, val_set = _datasets(model, train_data, val_data, augmentation,
                                    no_augmentation_sources)
     if keep_last is not None and keep_last < 1:
@@ -268,7 +328,9 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
     keras_model = model.keras_model
     with model.strategy.scope():
         set_trainable(keras_model, regex, verbose=verbose)
-        optimizer = make_optimizer(learning_rate, config)
+        optimizer = make_optimizer(learning_rate, config,
+                                   start_step=model.epoch * config.STEPS_PER_EPOCH,
+                                   end_step=epochs * config.STEPS_PER_EPOCH)
         keras_model.compile(optimizer=optimizer)
         optimizer.build(keras_model.trainable_variables)
         variables = keras_model.trainable_variables
@@ -278,7 +340,13 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
         if restored:
             print(f"Restored optimizer state (iteration {int(optimizer.iterations.numpy())}) "
                   f"from {optimizer_path(model.resume_from)}")
-    optimizer.learning_rate.assign(learning_rate)
+    schedule = optimizer._learning_rate
+    if isinstance(schedule, WarmupCosineSchedule):
+        # The restored iterations already count this stage's earlier epochs.
+        schedule.start_step = (model.epoch * config.STEPS_PER_EPOCH
+                               - int(optimizer.iterations.numpy()))
+    else:
+        optimizer.learning_rate.assign(learning_rate)
 
     guard = NonFiniteLossGuard()
     # A checkpoint whose optimizer state did not restore ended another stage: kept.
@@ -286,7 +354,8 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
     checkpoint = EpochCheckpoint(model.log_dir, config.NAME, guard,
                                  {"layers": regex, "learning_rate": learning_rate},
                                  keep_last=keep_last, protected=stage_start)
-    precise_bn = [PreciseBatchNorm(iter(train_set), guard)] if config.TRAIN_BN else []
+    uses_batch_statistics = config.TRAIN_BN and config.NORM == "batch"  # GroupNorm has none
+    precise_bn = [PreciseBatchNorm(iter(train_set), guard)] if uses_batch_statistics else []
     callbacks = [guard, *precise_bn, checkpoint,
                  keras.callbacks.TensorBoard(log_dir=str(model.log_dir), write_graph=False),
                  *(custom_callbacks or [])]

@@ -2,13 +2,22 @@
 
 Matterport calls every BatchNormalization with `training=TRAIN_BN`. A functional Keras 3 model
 overrides a `training` argument given at build time with the one the model is called with, so
-the choice is kept on the layer instead: frozen layers always normalise with their moving
-statistics, trainable ones follow the model's training flag (and infer with moving statistics).
+the choice is kept on the layer instead: with TRAIN_BN false the layers always normalise with
+their moving statistics; with TRAIN_BN true they normalise with the batch's statistics while
+the model trains and with the moving statistics at inference.
+
+A layer frozen by `train(layers=...)` keeps TRAIN_BN's meaning too (matterport's Keras 2 did:
+`trainable` froze gamma and beta, not the statistics). Keras 3 alone would switch a frozen
+BatchNormalization to its moving statistics, so the `heads` stage on a randomly initialised
+backbone would run the heads on features normalised with mean 0, variance 1: nothing like what
+the backbone produces. Here a frozen layer normalises with the batch's statistics and its moving
+statistics follow them (gamma and beta stay frozen), so inference sees what training saw.
 """
 
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 
 @keras.saving.register_keras_serializable(package="mrcnn")
@@ -20,7 +29,66 @@ class BatchNorm(keras.layers.BatchNormalization):
         self.train_bn = bool(train_bn)
 
     def call(self, inputs, training=None, mask=None):
-        return super().call(inputs, training=bool(training) and self.train_bn, mask=mask)
+        if not (training and self.train_bn):
+            return super().call(inputs, training=False, mask=mask)
+        if self.trainable:
+            return super().call(inputs, training=True, mask=mask)
+        return self._normalise_with_batch_statistics(inputs, None)
+
+    def _normalise_with_batch_statistics(self, inputs, weights):
+        """Batch statistics (over the `weights` [..., 1] > 0 elements when given); the moving
+        statistics move towards them, unless no element takes part."""
+        inputs = tf.cast(inputs, tf.float32)
+        axes = list(range(inputs.shape.rank - 1))
+        if weights is None:
+            mean, variance = tf.nn.moments(inputs, axes)
+            count = tf.constant(1.0)
+        else:  # divide_no_nan: no ROI at all must not put NaN into the gradients
+            weights = weights + tf.zeros_like(inputs)
+            total = tf.reduce_sum(weights, axes)
+            mean = tf.math.divide_no_nan(tf.reduce_sum(weights * inputs, axes), total)
+            variance = tf.math.divide_no_nan(
+                tf.reduce_sum(weights * tf.square(inputs - mean), axes), total)
+            count = tf.reduce_max(total)
+        present = count > 0.0
+        mean = tf.where(present, mean, self.moving_mean)
+        variance = tf.where(present, variance, self.moving_variance)
+        momentum = tf.where(present, self.momentum, 1.0)
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
+        outputs = tf.nn.batch_normalization(inputs, mean, variance, self.beta, self.gamma,
+                                            self.epsilon)
+        return tf.cast(outputs, self.compute_dtype)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "train_bn": self.train_bn}
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class RoiBatchNorm(BatchNorm):
+    """BatchNorm over ROIs whose statistics come from the real ROIs only.
+
+    Inputs: [x float32 [B, R, ..., C], valid bool [B, R]]. The training graph runs the mask
+    head on the positive-ROI slots only; early in training most of them are zero padding, and
+    statistics over all slots would be mostly padding's. Matterport ran the head on every ROI,
+    sampled or padding; here padding slots never enter the statistics (they are normalised
+    with the real ROIs' statistics, and their outputs are never used). Same weights as a
+    BatchNormalization (gamma, beta, moving_mean, moving_variance).
+    """
+
+    def build(self, input_shape):
+        super().build(input_shape[0])
+        self.input_spec = None  # two inputs; BatchNormalization's spec describes one
+
+    def call(self, inputs, training=None, mask=None):
+        x, valid = inputs
+        if not (training and self.train_bn):
+            return super().call(x, training=False)
+        weights = tf.cast(valid, tf.float32)
+        weights = tf.reshape(weights, tf.concat([tf.shape(weights), tf.ones(
+            [x.shape.rank - 2], tf.int32)], axis=0))
+        weights = tf.broadcast_to(weights, tf.concat([tf.shape(x)[:-1], [1]], axis=0))
+        return self._normalise_with_batch_statistics(x, weights)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]

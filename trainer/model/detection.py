@@ -10,6 +10,16 @@ from trainer.model.box_ops import apply_box_deltas, box_area, clip_boxes, norm_b
 from trainer.model.image_meta import parse_image_meta
 
 
+def nms_score_threshold(min_confidence: float) -> float:
+    """combined NMS keeps scores strictly above its threshold; matterport keeps scores >=
+    min_confidence: the float32 just below it. For 0 that would be a denormal (-1.4e-45), read
+    as 0 or not depending on the hardware's denormal handling: 0 itself is used (every
+    positive score is kept; padding ROIs score exactly 0 and never detect)."""
+    if min_confidence <= 0.0:
+        return 0.0
+    return float(np.nextafter(np.float32(min_confidence), np.float32(-1.0)))
+
+
 def refine_detections(rois, probs, deltas, window, *, max_instances: int, min_confidence: float,
                       nms_threshold: float, bbox_std_dev) -> tf.Tensor:
     """Matterport's refinement, batched.
@@ -34,8 +44,7 @@ def refine_detections(rois, probs, deltas, window, *, max_instances: int, min_co
         boxes[:, :, None, :], per_class[..., 1:],
         max_output_size_per_class=max_instances, max_total_size=max_instances,
         iou_threshold=nms_threshold,
-        # combined NMS keeps scores strictly above the threshold; matterport keeps >=.
-        score_threshold=float(np.nextafter(np.float32(min_confidence), np.float32(-1.0))),
+        score_threshold=nms_score_threshold(min_confidence),
         clip_boxes=False,
     )
     kept = tf.range(max_instances)[None, :] < nms.valid_detections[:, None]

@@ -8,24 +8,26 @@ from __future__ import annotations
 
 from keras import layers
 
-from trainer.model.batch_norm import BatchNorm
+from trainer.model.batch_norm import RoiBatchNorm
+from trainer.model.normalization import norm_layer
 from trainer.model.roi_align import PyramidROIAlign
 from trainer.model.time_distributed import TimeDistributed
 
 
 def classifier_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: int,
-                    train_bn: bool, fc_size: int = 1024):
+                    train_bn: bool, fc_size: int = 1024, norm: str = "batch"):
     """rois float32 [B, R, 4] normalised -> (class logits [B, R, num_classes],
-    class probabilities [B, R, num_classes], box deltas [B, R, num_classes, 4])."""
+    class probabilities [B, R, num_classes], box deltas [B, R, num_classes, 4]).
+    norm: "batch" (matterport) or "group" (GroupNorm in the `mrcnn_class_bn*` slots)."""
     num_rois = rois.shape[1]
     x = PyramidROIAlign((pool_size, pool_size), name="roi_align_classifier")(
         [rois, image_meta, *feature_maps])
     x = TimeDistributed(layers.Conv2D(fc_size, pool_size, padding="valid"),
                                name="mrcnn_class_conv1")(x)
-    x = TimeDistributed(BatchNorm(train_bn), name="mrcnn_class_bn1")(x)
+    x = TimeDistributed(norm_layer(norm, train_bn), name="mrcnn_class_bn1")(x)
     x = layers.Activation("relu")(x)
     x = TimeDistributed(layers.Conv2D(fc_size, 1), name="mrcnn_class_conv2")(x)
-    x = TimeDistributed(BatchNorm(train_bn), name="mrcnn_class_bn2")(x)
+    x = TimeDistributed(norm_layer(norm, train_bn), name="mrcnn_class_bn2")(x)
     x = layers.Activation("relu")(x)
     shared = layers.Reshape((num_rois, fc_size), name="pool_squeeze")(x)
 
@@ -37,18 +39,26 @@ def classifier_head(rois, feature_maps, image_meta, *, pool_size: int, num_class
 
 
 def mask_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: int,
-              train_bn: bool):
+              train_bn: bool, roi_valid=None, norm: str = "batch"):
     """rois float32 [B, R, 4] normalised -> mask logits [B, R, 2 * pool, 2 * pool, num_classes].
 
+    roi_valid: bool [B, R], the slots holding real ROIs (default: non-zero boxes). With
+    BatchNorm, only those enter the statistics (see `RoiBatchNorm`); norm "group" normalises
+    each ROI by itself (GroupNorm in the `mrcnn_mask_bn*` slots).
     `mrcnn_mask` has no activation here (matterport's has a sigmoid): the loss works on logits,
     which is exact where the sigmoid saturates; inference applies the sigmoid after it.
     """
+    if roi_valid is None:
+        roi_valid = layers.Lambda(lambda r: r[..., 2] > r[..., 0], name="mask_roi_valid")(rois)
     x = PyramidROIAlign((pool_size, pool_size), name="roi_align_mask")(
         [rois, image_meta, *feature_maps])
     for i in range(1, 5):
         x = TimeDistributed(layers.Conv2D(256, 3, padding="same"),
                                    name=f"mrcnn_mask_conv{i}")(x)
-        x = TimeDistributed(BatchNorm(train_bn), name=f"mrcnn_mask_bn{i}")(x)
+        if norm == "group":
+            x = TimeDistributed(norm_layer(norm, train_bn), name=f"mrcnn_mask_bn{i}")(x)
+        else:
+            x = RoiBatchNorm(train_bn, name=f"mrcnn_mask_bn{i}")([x, roi_valid])
         x = layers.Activation("relu")(x)
     x = TimeDistributed(layers.Conv2DTranspose(256, 2, strides=2, activation="relu"),
                                name="mrcnn_mask_deconv")(x)

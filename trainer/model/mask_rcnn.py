@@ -33,8 +33,9 @@ def _image_input(config: Config) -> keras.KerasTensor:
 
 def _shared_graph(config: Config, image, proposal_count: int):
     """Backbone, FPN, RPN and proposals: what both modes share."""
-    c2, c3, c4, c5 = resnet_graph(image, config.BACKBONE, config.TRAIN_BN)
-    pyramid = fpn_graph(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE)
+    c2, c3, c4, c5 = resnet_graph(image, config.BACKBONE, config.TRAIN_BN, config.NORM)
+    pyramid = fpn_graph(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE,
+                        norm=None if config.NORM == "batch" else config.NORM)
     rpn = build_rpn_model(config.RPN_ANCHOR_STRIDE, config.ANCHORS_PER_LOCATION,
                           config.TOP_DOWN_PYRAMID_SIZE)
     rpn_class_logits, rpn_class, rpn_bbox = rpn_graph(rpn, pyramid)
@@ -72,17 +73,22 @@ def build_training_model(config: Config) -> MaskRCNNTrainingModel:
     gt_boxes = NormBoxes(name="norm_gt_boxes")([inputs["input_gt_boxes"], image])
     rois, target_class_ids, target_bbox, target_mask, roi_valid = DetectionTargetLayer(
         config.TRAIN_ROIS_PER_IMAGE, config.ROI_POSITIVE_RATIO, config.BBOX_STD_DEV,
-        config.MASK_SHAPE, config.USE_MINI_MASK, name="proposal_targets",
+        config.MASK_SHAPE, config.USE_MINI_MASK, include_gt=config.PROPOSALS_INCLUDE_GT,
+        name="proposal_targets",
     )([rpn_rois, inputs["input_gt_class_ids"], gt_boxes, inputs["input_gt_masks"]])
     class_logits, _, bbox = classifier_head(
         rois, feature_maps, meta, pool_size=config.POOL_SIZE, num_classes=config.NUM_CLASSES,
-        train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
+        train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, norm=config.NORM)
     # Only positive ROIs (the first MAX_POSITIVE_ROIS slots) have mask targets: running the
-    # mask head on the others would cost most of the step and change nothing.
+    # mask head on the others would cost most of the step and change nothing. Its BatchNorm
+    # statistics come from the slots that hold a positive ROI (not from padding).
     positive_rois = layers.Lambda(lambda r: r[:, : config.MAX_POSITIVE_ROIS],
                                   name="positive_rois")(rois)
+    positive_valid = layers.Lambda(lambda v: v[:, : config.MAX_POSITIVE_ROIS],
+                                   name="positive_valid")(roi_valid)
     mask_logits = mask_head(positive_rois, feature_maps, meta, pool_size=config.MASK_POOL_SIZE,
-                            num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN)
+                            num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN,
+                            roi_valid=positive_valid, norm=config.NORM)
     outputs = {
         "rpn_class_logits": rpn_class_logits,
         "rpn_bbox": rpn_bbox,
@@ -98,7 +104,9 @@ def build_training_model(config: Config) -> MaskRCNNTrainingModel:
     }
     return MaskRCNNTrainingModel(
         inputs=inputs, outputs=outputs, loss_weights=config.LOSS_WEIGHTS,
-        weight_decay=config.WEIGHT_DECAY, name="mask_rcnn")
+        # AdamW applies WEIGHT_DECAY itself (decoupled): no L2 term in the loss then.
+        weight_decay=0.0 if config.OPTIMIZER == "adamw" else config.WEIGHT_DECAY,
+        name="mask_rcnn")
 
 
 def build_inference_model(config: Config) -> keras.Model:
@@ -112,14 +120,15 @@ def build_inference_model(config: Config) -> keras.Model:
         config, image, config.POST_NMS_ROIS_INFERENCE)
     _, class_probs, bbox = classifier_head(
         rpn_rois, feature_maps, meta, pool_size=config.POOL_SIZE, num_classes=config.NUM_CLASSES,
-        train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
+        train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, norm=config.NORM)
     detections = DetectionLayer(
         config.DETECTION_MAX_INSTANCES, config.DETECTION_MIN_CONFIDENCE,
         config.DETECTION_NMS_THRESHOLD, config.BBOX_STD_DEV, name="mrcnn_detection",
     )([rpn_rois, class_probs, bbox, meta])
     detection_boxes = layers.Lambda(lambda d: d[..., :4], name="detection_boxes")(detections)
     mask_logits = mask_head(detection_boxes, feature_maps, meta, pool_size=config.MASK_POOL_SIZE,
-                            num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN)
+                            num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN,
+                            norm=config.NORM)
     masks = layers.Activation("sigmoid", name="mrcnn_mask_probs")(mask_logits)
     return keras.Model(
         [image, meta], [detections, class_probs, bbox, masks, rpn_rois, rpn_class, rpn_bbox],

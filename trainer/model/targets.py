@@ -77,7 +77,8 @@ def rpn_targets(anchors: tf.Tensor, gt_class_ids: tf.Tensor, gt_boxes: tf.Tensor
 
 
 def detection_targets(proposals, gt_class_ids, gt_boxes, gt_masks, *, rois_per_image: int,
-                      positive_ratio: float, bbox_std_dev, mask_shape, use_mini_mask: bool):
+                      positive_ratio: float, bbox_std_dev, mask_shape, use_mini_mask: bool,
+                      include_gt: bool = False):
     """Samples ROIs from proposals and builds the heads' targets, for a whole batch.
 
     proposals: float32 [B, N, 4] normalised, zero rows are padding
@@ -91,7 +92,13 @@ def detection_targets(proposals, gt_class_ids, gt_boxes, gt_masks, *, rois_per_i
       masks float32 [B, P, mask_h, mask_w]: 0/1 mask of each positive inside its ROI
       valid bool [B, T]: the slot holds a sampled ROI (for the classifier's loss)
     Negatives keep matterport's ratio: int(positives / positive_ratio) - positives of them.
+    include_gt: the objects' own boxes join the proposals (torchvision's and Detectron2's
+    sampling; not matterport's), so the heads see positive ROIs from the first step, before
+    the RPN proposes anything near an object.
     """
+    if include_gt:
+        object_boxes = tf.where((gt_class_ids > 0)[..., None], gt_boxes, 0.0)
+        proposals = tf.concat([proposals, tf.cast(object_boxes, proposals.dtype)], axis=1)
     max_positive = int(rois_per_image * positive_ratio)
     max_negative = rois_per_image - max_positive
     proposal_ok = box_area(proposals) > 0.0
@@ -185,8 +192,9 @@ class DetectionTargetLayer(keras.layers.Layer):
     target_mask, roi_valid]."""
 
     def __init__(self, rois_per_image: int, positive_ratio: float, bbox_std_dev, mask_shape,
-                 use_mini_mask: bool, **kwargs):
+                 use_mini_mask: bool, include_gt: bool = False, **kwargs):
         super().__init__(**kwargs)
+        self.include_gt = bool(include_gt)
         self.rois_per_image = int(rois_per_image)
         self.positive_ratio = float(positive_ratio)
         self.bbox_std_dev = tuple(float(s) for s in bbox_std_dev)
@@ -199,7 +207,7 @@ class DetectionTargetLayer(keras.layers.Layer):
             tf.stop_gradient(proposals), tf.cast(gt_class_ids, tf.int32), gt_boxes, gt_masks,
             rois_per_image=self.rois_per_image, positive_ratio=self.positive_ratio,
             bbox_std_dev=self.bbox_std_dev, mask_shape=self.mask_shape,
-            use_mini_mask=self.use_mini_mask)
+            use_mini_mask=self.use_mini_mask, include_gt=self.include_gt)
         return [tf.stop_gradient(t) for t in outputs]
 
     def compute_output_shape(self, input_shape):
@@ -226,4 +234,5 @@ class DetectionTargetLayer(keras.layers.Layer):
             "bbox_std_dev": list(self.bbox_std_dev),
             "mask_shape": list(self.mask_shape),
             "use_mini_mask": self.use_mini_mask,
+            "include_gt": self.include_gt,
         }

@@ -128,6 +128,14 @@ def resolve_init(init_dir: str | None, model_dir: Path, config: Config) -> tuple
     return "none", "random initialisation"
 
 
+def stage_layers(layers: str, init: str) -> str:
+    """The layers a stage trains. From random initialisation ("none") the heads stage trains
+    all layers: a frozen random backbone gives the heads features nothing will keep, and
+    the stage's steps are better spent on the whole network (the train-all stage then
+    continues at a tenth of the rate, a step decay)."""
+    return "all" if init == "none" and layers == "heads" else layers
+
+
 def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str],
                 gpu_count: int, stage: str, layers: str, epochs: int, learning_rate: float,
                 lr_factor: float, dataset_dir: str, init_dir: str | None,
@@ -142,6 +150,10 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
         model_dir = Path(checkpoint_root) / _run_folder_key(tracking.pipeline_run_id) / stage
         init, why = resolve_init(init_dir, model_dir, cfg)
         print(f"{stage}: {why}; checkpoints in {model_dir}", flush=True)
+        if stage_layers(layers, init) != layers:
+            layers = stage_layers(layers, init)
+            print(f"{stage}: random initialisation: training all layers (heads on an untrained, "
+                  "frozen backbone would learn nothing lasting)", flush=True)
         tracker.log_config(cfg, {"layers": layers, "epochs": epochs,
                                  "learning_rate": learning_rate_for(cfg, learning_rate,
                                                                     lr_factor),

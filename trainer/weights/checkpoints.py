@@ -229,8 +229,9 @@ def load_optimizer_state(path: Path, optimizer, variables, names: list[str]) -> 
 
 
 def _slots(optimizer, variables) -> list:
-    """The optimizer's per-variable slots (SGD: momentum), in `variables` order."""
-    momentums = getattr(optimizer, "momentums", None)
-    if not momentums:
-        return []
-    return [momentums[optimizer._get_variable_index(v)] for v in variables]
+    """The optimizer's per-variable slots (SGD: momentum; Adam, AdamW: first and second
+    moments), in `variables` order."""
+    kinds = [getattr(optimizer, name, None) for name in ("momentums", "_momentums",
+                                                          "_velocities")]
+    return [slots[optimizer._get_variable_index(v)] for slots in kinds if slots
+            for v in variables]

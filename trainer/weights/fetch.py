@@ -165,7 +165,7 @@ def _warnings(config: Config, initialisation: str, unverified_sha256: str | None
               ) -> list[str]:
     """`unverified_sha256`: the digest of a file fetched without an expected one."""
     warnings = []
-    if initialisation == "random" and not config.TRAIN_BN:
+    if initialisation == "random" and not config.TRAIN_BN and config.NORM == "batch":
         warnings.append("TRAIN_BN is false: BatchNorm statistics stay at their initial values; "
                         "training from random initialisation needs TRAIN_BN=true")
     if unverified_sha256 is not None:

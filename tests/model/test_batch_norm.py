@@ -1,0 +1,70 @@
+"""BatchNorm semantics: frozen layers keep TRAIN_BN's batch statistics (matterport's Keras 2),
+and the mask head's statistics come from real ROIs only."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.model.batch_norm import BatchNorm, RoiBatchNorm
+
+
+def test_a_layer_frozen_by_layers_still_normalises_with_batch_statistics():
+    norm = BatchNorm(train_bn=True)
+    x = np.array([[1.0], [3.0]], np.float32)  # mean 2, variance 1
+    norm(x)  # build
+    norm.trainable = False  # what train(layers="heads") does to the backbone
+    out = norm(x, training=True).numpy()
+    # Batch statistics (Keras 3 alone would use the initial moving mean 0, variance 1: x).
+    np.testing.assert_allclose(out[:, 0], [-1.0, 1.0], atol=1e-3)
+    # The moving statistics follow (momentum 0.99), gamma and beta do not move.
+    np.testing.assert_allclose(norm.moving_mean.numpy(), [0.02], rtol=1e-5)
+    np.testing.assert_allclose(norm.moving_variance.numpy(), [0.99 + 0.01 * 1.0], rtol=1e-5)
+    assert norm.gamma.numpy()[0] == 1.0 and not norm.trainable_weights
+    # Inference and TRAIN_BN false use the moving statistics.
+    np.testing.assert_allclose(norm(x, training=False).numpy()[:, 0],
+                               (x[:, 0] - 0.02) / np.sqrt(1.0 + 1e-3), rtol=1e-4)
+    frozen_stats = BatchNorm(train_bn=False)
+    np.testing.assert_allclose(frozen_stats(x, training=True).numpy(), x / np.sqrt(1.001),
+                               rtol=1e-5)
+
+
+def test_roi_batch_norm_takes_statistics_from_valid_rois_only():
+    # Two images, three ROI slots of 1x1 pixel, one channel; only 3 slots hold real ROIs.
+    x = np.zeros((2, 3, 1, 1, 1), np.float32)
+    x[0, 0], x[0, 1], x[1, 0] = 1.0, 3.0, 2.0  # real ROIs: mean 2, variance 2/3
+    x[1, 2] = 100.0                              # padding that happens to be non-zero
+    valid = np.array([[True, True, False], [True, False, False]])
+    norm = RoiBatchNorm(train_bn=True)
+    out = norm([x, valid], training=True).numpy()
+    expected = (np.array([1.0, 3.0, 2.0]) - 2.0) / np.sqrt(2.0 / 3.0 + 1e-3)
+    np.testing.assert_allclose([out[0, 0, 0, 0, 0], out[0, 1, 0, 0, 0], out[1, 0, 0, 0, 0]],
+                               expected, rtol=1e-4)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), [0.01 * 2.0], rtol=1e-5)
+    # Same weights, same names as matterport's BatchNormalization.
+    assert [w.name for w in norm.weights] == ["gamma", "beta", "moving_mean", "moving_variance"]
+
+
+def test_roi_batch_norm_without_any_roi_keeps_its_statistics_and_finite_gradients():
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 3, 2, 2, 4)), tf.float32)
+    norm = RoiBatchNorm(train_bn=True)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = norm([x, tf.zeros((2, 3), tf.bool)], training=True)
+    assert np.all(np.isfinite(tape.gradient(out, x).numpy()))
+    np.testing.assert_array_equal(norm.moving_mean.numpy(), np.zeros(4))
+    np.testing.assert_array_equal(norm.moving_variance.numpy(), np.ones(4))
+
+
+def test_the_training_graph_feeds_the_mask_head_norms_the_positive_slots_validity():
+    from trainer import Config, MaskRCNN
+
+    config = Config.from_yaml("configs/demo.yaml", ["FPN_CLASSIF_FC_LAYERS_SIZE=64",
+                                                    "TOP_DOWN_PYRAMID_SIZE=32", "NORM=batch"])
+    model = MaskRCNN("training", config).keras_model
+    for i in range(1, 5):
+        layer = model.get_layer(f"mrcnn_mask_bn{i}")
+        assert isinstance(layer, RoiBatchNorm)
+        x, valid = layer._inbound_nodes[0].input_tensors
+        assert valid is model.get_layer("positive_valid").output
+    grouped = MaskRCNN("training", config.replace(NORM="group")).keras_model
+    assert isinstance(grouped.get_layer("mrcnn_mask_bn1").layer, keras.layers.GroupNormalization)
