@@ -1,10 +1,11 @@
 """KFP v2 lightweight components: each body imports `trainer` and calls one stage function
 (`trainer.stages`). Only a body's source is shipped to its task, so bodies hold no helpers and
-this package holds nothing but the four components."""
+this package holds nothing but the components."""
 
 from components.evaluate import evaluate
 from components.fetch_weights import fetch_weights
 from components.prepare_data import prepare_data
+from components.resolve_config import resolve_config
 from components.train import train
 
-__all__ = ["evaluate", "fetch_weights", "prepare_data", "train"]
+__all__ = ["evaluate", "fetch_weights", "prepare_data", "resolve_config", "train"]

@@ -66,8 +66,11 @@ def run_local(config_path: str | Path, overrides: Sequence[str], workdir: str | 
                  "checkpoint_root": str(workdir / "checkpoints"), "mlflow_tracking_uri": uri,
                  **(params or {})}
     experiment = str(arguments.get("mlflow_experiment") or DEFAULT_EXPERIMENT)
-    # The tasks inherit this process's environment: the run id keys their MLflow parent run.
+    # The tasks inherit this process's environment: the run id keys their MLflow parent run,
+    # and the cached tasks (which get no MLflow parameters) record failures where it says.
     os.environ[RUN_ID_ENV] = run_id
+    os.environ["MLFLOW_TRACKING_URI"] = str(arguments["mlflow_tracking_uri"] or uri)
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
     os.environ[RUN_NAME_ENV] = f"local {stamp}"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -1,8 +1,12 @@
 """The Mask R-CNN pipeline: wiring and resources only (the work is in `trainer.stages`).
 
-    fetch-weights ─┐
-                   ├─► train-heads ─► train-all ─► evaluate
-    prepare-data ──┘
+                    ┌─► fetch-weights ─┐
+    resolve-config ─┤                  ├─► train-heads ─► train-all ─► evaluate
+                    └─► prepare-data ──┘
+
+fetch-weights and prepare-data are cached and get only what decides their results (the
+model-shape keys, the data source and record settings, from resolve-config); train-heads
+writes their MLflow records from their outputs, so a cached run is recorded too.
 
 Training tasks request GPU_COUNT GPUs (`gpu_count`, also set as the config's GPU_COUNT), run on
 the GPU node pool (node selector pool=gpu, toleration nvidia.com/gpu=present:NoSchedule, as
@@ -19,7 +23,7 @@ Kubernetes settings are ignored.
 # No `from __future__ import annotations`: KFP reads the parameter annotations as types.
 from kfp import dsl, kubernetes
 
-from components import evaluate, fetch_weights, prepare_data, train
+from components import evaluate, fetch_weights, prepare_data, resolve_config, train
 from trainer.stages.tracking import RUN_ID_ENV, WORKFLOW_ENV
 
 PIPELINE_NAME = "mask-rcnn"
@@ -40,13 +44,16 @@ TASK_POD_LABELS = {"app.kubernetes.io/part-of": "mask-rcnn-pipeline",
 
 
 def _with_tracking_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """MLFLOW_TRACKING_URI from the ConfigMap and the MLflow user from the Secret (both
+    """MLFLOW_TRACKING_URI (and MLFLOW_EXPERIMENT_NAME, where the cached tasks record a
+    failure: they get no MLflow parameters) from the ConfigMap and the MLflow user from the
+    Secret (both
     optional: the parameter may name another server, and without credentials MLflow refuses
     the calls, which a stage reports and trains on), the KFP run id from the pod's label and,
     should that label be missing, the Argo Workflow's name (the same across retries). Neither
     is a task input, so they do not change the cache key of fetch-weights and prepare-data."""
     kubernetes.use_config_map_as_env(task, CONFIG_MAP,
-                                     {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"},
+                                     {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
+                                      "MLFLOW_EXPERIMENT_NAME": "MLFLOW_EXPERIMENT_NAME"},
                                      optional=True)
     kubernetes.use_secret_as_env(task, MLFLOW_CREDENTIALS_SECRET,
                                  {"username": "MLFLOW_TRACKING_USERNAME",
@@ -117,21 +124,26 @@ def mask_rcnn_pipeline(
                   config_overrides=config_overrides,
                   mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment)
 
-    weights = fetch_weights(source=weights_source, sha256=weights_sha256,
-                            exclude=weights_exclude, **common).set_display_name("fetch-weights")
+    # The cached tasks get only what decides their results (see resolve-config): a run that
+    # changes training or MLflow settings reuses them; train-heads records them in MLflow.
+    inputs = resolve_config(config_preset=config_preset, config_yaml=config_yaml,
+                            config_overrides=config_overrides).set_display_name("resolve-config")
+    weights = fetch_weights(source=weights_source, sha256=weights_sha256, exclude=weights_exclude,
+                            model_config=inputs.outputs["model_config"]
+                            ).set_display_name("fetch-weights")
     data = prepare_data(source=dataset_source, count=dataset_count, val_fraction=val_fraction,
-                        **common).set_display_name("prepare-data")
-    for task in (weights, data):
+                        image_size=inputs.outputs["image_size"]).set_display_name("prepare-data")
+    for task in (inputs, weights, data):
         _with_tracking_env(_resources(task, **DATA_RESOURCES)).set_caching_options(True)
 
     heads = train(stage="train-heads", layers="heads", epochs=heads_epochs,
                   learning_rate=heads_learning_rate, lr_factor=1.0,
                   exclude=weights_exclude, gpu_count=gpu_count, checkpoint_root=checkpoint_root,
-                  dataset=data.outputs["dataset"], init=weights.outputs["weights"],
+                  upstream=True, dataset=data.outputs["dataset"], init=weights.outputs["weights"],
                   **common).set_display_name("train-heads")
     all_layers = train(stage="train-all", layers="all", epochs=total_epochs,
                        learning_rate=all_learning_rate, lr_factor=0.1, exclude=[],
-                       gpu_count=gpu_count, checkpoint_root=checkpoint_root,
+                       gpu_count=gpu_count, checkpoint_root=checkpoint_root, upstream=False,
                        dataset=data.outputs["dataset"], init=heads.outputs["model"],
                        **common).set_display_name("train-all")
     for task in (heads, all_layers):

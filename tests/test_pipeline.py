@@ -72,8 +72,9 @@ def test_every_task_gets_the_tracking_uri_credentials_run_key_and_pod_labels():
     for name, platform in executors.items():
         [config_map] = platform["configMapAsEnv"]
         assert config_map["configMapName"] == "mask-rcnn-pipeline-config", name
-        assert config_map["keyToEnv"] == [{"configMapKey": "MLFLOW_TRACKING_URI",
-                                           "envVar": "MLFLOW_TRACKING_URI"}]
+        assert config_map["keyToEnv"] == [
+            {"configMapKey": "MLFLOW_TRACKING_URI", "envVar": "MLFLOW_TRACKING_URI"},
+            {"configMapKey": "MLFLOW_EXPERIMENT_NAME", "envVar": "MLFLOW_EXPERIMENT_NAME"}]
         # MLflow's basic-auth user of the pipeline, read by MLflow's client from these names
         [secret] = platform["secretAsEnv"]
         assert secret["secretName"] == "mlflow-pipeline-credentials", name
@@ -347,3 +348,22 @@ def test_from_random_initialisation_the_heads_stage_trains_all_layers():
     assert stage_layers("heads", "none") == "all"
     assert stage_layers("heads", "/w/weights.h5") == "heads"  # fetched weights: matterport's
     assert stage_layers("all", "/ckpt/mask_rcnn_demo_0001.h5") == "all"
+
+
+def test_cached_tasks_get_only_what_decides_their_results():
+    spec, _ = compiled_documents(submit.PACKAGE)
+    tasks = spec["root"]["dag"]["tasks"]
+    inputs = {name: set(tasks[name]["inputs"]["parameters"])
+              for name in ("fetch-weights", "prepare-data")}
+    assert inputs == {"fetch-weights": {"model_config", "source", "sha256", "exclude"},
+                      "prepare-data": {"source", "count", "val_fraction", "image_size"}}
+    for name in ("fetch-weights", "prepare-data"):
+        assert tasks[name]["cachingOptions"]["enableCache"] is True
+    # what resolve-config gives them ignores training and MLflow settings
+    from trainer.stages.inputs import task_inputs
+
+    preset = str(ROOT / "configs" / "demo.yaml")
+    base = task_inputs(preset, "", [])
+    assert task_inputs(preset, "", ["LEARNING_RATE=0.5", "STEPS_PER_EPOCH=7"]) == base
+    assert task_inputs(preset, "", ["NUM_CLASSES=5"])["model_config"] != base["model_config"]
+    assert task_inputs(preset, "", ["IMAGE_MIN_DIM=64", "IMAGE_MAX_DIM=64"])["image_size"] == 64

@@ -92,6 +92,11 @@ _SCHEMA: dict[str, tuple[Any, str]] = {
     "PROPOSALS_INCLUDE_GT": (False, "bool"),
 }
 DERIVED_KEYS = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
+# The keys that decide the shapes of the model's weights: what fetch-weights checks a file
+# against, and all it is given (its cache key then ignores the training settings).
+MODEL_SHAPE_KEYS = ("NAME", "BACKBONE", "NORM", "NUM_CLASSES", "IMAGE_CHANNEL_COUNT",
+                    "TOP_DOWN_PYRAMID_SIZE", "RPN_ANCHOR_RATIOS", "RPN_ANCHOR_STRIDE",
+                    "POOL_SIZE", "MASK_POOL_SIZE", "FPN_CLASSIF_FC_LAYERS_SIZE", "TRAIN_BN")
 
 
 def _coerce(key: str, value: Any, kind: str) -> Any:
@@ -259,6 +264,12 @@ class Config:
         out["IMAGE_SHAPE"] = self.IMAGE_SHAPE.tolist()
         out["IMAGE_META_SIZE"] = self.IMAGE_META_SIZE
         return out
+
+    def model_shape_yaml(self) -> str:
+        """MODEL_SHAPE_KEYS as YAML: `Config.from_text` of it builds a model whose weights
+        have this config's shapes (the other keys at their defaults)."""
+        data = self.to_dict()
+        return yaml.safe_dump({key: data[key] for key in MODEL_SHAPE_KEYS}, sort_keys=True)
 
     def to_yaml(self) -> str:
         """The settable keys as YAML; `Config.from_yaml` of it gives an equal Config."""

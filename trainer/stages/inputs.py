@@ -25,3 +25,11 @@ def stage_config(preset: str, yaml_text: str, overrides: Sequence[str] = ()) -> 
     if not path.is_file() and not path.is_absolute() and (IMAGE_CONFIG_DIR / path).is_file():
         path = IMAGE_CONFIG_DIR / path
     return Config.from_yaml(path, overrides)
+
+
+def task_inputs(preset: str, yaml_text: str, overrides: Sequence[str] = ()) -> dict:
+    """What the cached tasks get of the config: the model-shape keys (fetch-weights) and the
+    image size of generated shapes (prepare-data). Training settings and MLflow settings are
+    not among them, so changing those keeps both tasks' cache keys."""
+    config = stage_config(preset, yaml_text, overrides)
+    return {"model_config": config.model_shape_yaml(), "image_size": int(config.IMAGE_SHAPE[0])}

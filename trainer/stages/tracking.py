@@ -22,6 +22,7 @@ upload cannot touch a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -182,10 +183,13 @@ class StageTracker:
     Every method is safe to call when tracking is off or broken (it does nothing then)."""
 
     def __init__(self, settings: TrackingSettings, stage: str, *, enabled: bool = True,
-                 system_metrics_seconds: float = SYSTEM_METRICS_SECONDS):
+                 system_metrics_seconds: float = SYSTEM_METRICS_SECONDS, once: bool = False):
+        """once: do nothing when the pipeline run already has a finished run of this stage
+        (a stage recorded by a later task, which may be retried)."""
         self.settings = settings
         self.stage = stage
         self.enabled = enabled
+        self.once = once
         self.system_metrics_seconds = system_metrics_seconds
         self.system_metrics = None
         self.uri = ""
@@ -218,6 +222,10 @@ class StageTracker:
             name = self.settings.resolved_experiment()
             self.experiment_id = experiment_id(self.client, name, self.uri)
             self.parent_id = parent_run_id(self.client, self.experiment_id, self.settings)
+            if self.once and any(
+                    run.data.tags.get(STAGE_TAG) == self.stage and run.info.status == "FINISHED"
+                    for run in stage_runs(self.client, self.parent_id, self.experiment_id)):
+                return
             self.run_id = self.client.create_run(
                 self.experiment_id, run_name=self.stage,
                 tags={PARENT_TAG: self.parent_id, ROLE_TAG: "stage", STAGE_TAG: self.stage,
@@ -395,6 +403,21 @@ class StageTracker:
         print(f"MLflow tracking error ({self.stage}): {message}; the stage goes on without "
               "tracking (checkpoints and KFP outputs are unaffected)", file=sys.stderr,
               flush=True)
+
+
+@contextlib.contextmanager
+def failure_recorded(stage: str):
+    """For the cached tasks, which track nothing while they work (their inputs hold no MLflow
+    settings, see stages.fetch): an exception is recorded as a FAILED stage run, with its
+    reason, in the tracking server and experiment the task's environment names
+    (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), then raised again."""
+    try:
+        yield
+    except Exception as error:
+        tracker = StageTracker(TrackingSettings.from_env(), stage, system_metrics_seconds=0)
+        tracker.start()
+        tracker.finish("FAILED", error)
+        raise
 
 
 def epoch_metrics_callback(tracker: StageTracker, tensorboard_root: str | Path | None = None):

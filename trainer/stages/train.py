@@ -23,8 +23,9 @@ from trainer.engine.maskrcnn import MaskRCNN
 from trainer.engine.training import learning_rate_for, resolve_layers
 from trainer.errors import UserError
 from trainer.io.atomic import copy_atomic, write_atomic
-from trainer.stages.fetch import WEIGHTS_FILE
+from trainer.stages.fetch import WEIGHTS_FILE, track_fetch
 from trainer.stages.inputs import stage_config
+from trainer.stages.prepare import track_prepare
 from trainer.stages.tracking import StageTracker, TrackingSettings, epoch_metrics_callback
 from trainer.weights import checkpoints
 from trainer.weights.h5layout import read_layout
@@ -140,12 +141,18 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
                 gpu_count: int, stage: str, layers: str, epochs: int, learning_rate: float,
                 lr_factor: float, dataset_dir: str, init_dir: str | None,
                 exclude: Sequence[str], checkpoint_root: str, out_dir: str,
-                tracking: TrackingSettings, keep_last: int | None = PIPELINE_KEEP_LAST) -> dict:
+                tracking: TrackingSettings, upstream: bool = False,
+                keep_last: int | None = PIPELINE_KEEP_LAST) -> dict:
     """The pipeline's train task. learning_rate 0 means LEARNING_RATE x lr_factor (matterport
-    trains all layers at a tenth of the heads' rate). Returns the last epoch's logs as
-    `metrics` and the checkpoint's name and epoch."""
+    trains all layers at a tenth of the heads' rate). upstream: also record the fetch-weights
+    and prepare-data stage runs from init_dir and dataset_dir (those tasks are cached and
+    track nothing themselves). Returns the last epoch's logs as `metrics` and the
+    checkpoint's name and epoch."""
     with StageTracker(tracking, stage) as tracker:
         pipeline_config = stage_config(config_preset, config_yaml, overrides)
+        if upstream:
+            track_fetch(tracking, pipeline_config, init_dir or "")
+            track_prepare(tracking, pipeline_config, dataset_dir)
         cfg = pipeline_config.replace(GPU_COUNT=gpu_count)
         model_dir = Path(checkpoint_root) / _run_folder_key(tracking.pipeline_run_id) / stage
         init, why = resolve_init(init_dir, model_dir, cfg)
