@@ -8,7 +8,7 @@ evaluates it at fixed training wall-clock checkpoints.
 Prints one JSON line per evaluation: training seconds (steps only, not data preparation,
 model building or evaluation), steps, images seen, the COCO and VOC metrics of
 `trainer.evaluate_run.evaluate` on the val split (>= 100 images), and the mean training losses
-since the previous line. Writes `curve.png` (mAP against training time) and `curve.jsonl`
+since the previous line. Training seconds include the first step's graph tracing (~15 s). Writes `curve.png` (mAP against training time) and `curve.jsonl`
 into --out. Training is one continuous run at the config's LEARNING_RATE (its warm-up and
 decay included; cosine decay ends at --max-steps), optionally divided by 10 at --lr-drop-at
 seconds (as the pipeline's train-all stage); BatchNorm moving statistics are recomputed
@@ -118,6 +118,8 @@ def main() -> None:
             window.append(model.keras_model.train_on_batch(batch, return_dict=True))
             trained += time.perf_counter() - start
             steps += 1
+        if not window:  # already past this checkpoint (the first step traces the graph)
+            continue
         if uses_moving_statistics:
             recompute_bn_statistics(model.keras_model, batches, steps=8)
         weights = out / "checkpoints" / f"step{steps:06d}.h5"
