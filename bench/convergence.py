@@ -6,13 +6,14 @@ evaluates it at fixed training wall-clock checkpoints.
         --train-images 1000 --val-images 200 --at 300 600 --lr-drop-at 500
 
 Prints one JSON line per evaluation: training seconds (steps only, not data preparation,
-model building or evaluation), steps, images seen, the COCO and VOC metrics of
-`trainer.evaluate_run.evaluate` on the val split (>= 100 images), and the mean training losses
-since the previous line. Training seconds include the first step's graph tracing (~15 s). Writes `curve.png` (mAP against training time) and `curve.jsonl`
-into --out. Training is one continuous run at the config's LEARNING_RATE (its warm-up and
-decay included; cosine decay ends at --max-steps), optionally divided by 10 at --lr-drop-at
-seconds (as the pipeline's train-all stage); BatchNorm moving statistics are recomputed
-before each evaluation when they are used (TRAIN_BN with NORM=batch).
+model building or evaluation; the first step's graph tracing, ~15 s, counts), steps, images
+seen, the COCO and VOC metrics of `trainer.evaluate_run.evaluate` on the val split (>= 100
+images), and the mean training losses since the previous line. Writes `curve.png` (mAP
+against training time) and `curve.jsonl` into --out. Training is one continuous run at the
+config's LEARNING_RATE (its warm-up and decay included; cosine decay ends at --max-steps),
+optionally divided by 10 at --lr-drop-at seconds (as the pipeline's train-all stage);
+BatchNorm moving statistics are recomputed before each evaluation when they are used
+(TRAIN_BN with NORM=batch).
 """
 
 from __future__ import annotations
