@@ -6,13 +6,14 @@ evaluates it at fixed training wall-clock checkpoints.
         --train-images 1000 --val-images 200 --at 300 600 --lr-drop-at 500
 
 Prints one JSON line per evaluation: training seconds (steps only, not data preparation,
-model building or evaluation), steps, images seen, the COCO and VOC metrics of
-`trainer.evaluation.run.evaluate` on the val split (>= 100 images), and the mean training losses
-since the previous line. Writes `curve.png` (mAP against training time) and `curve.jsonl`
-into --out. Training is one continuous run at the config's LEARNING_RATE (its warm-up and
-decay included; cosine decay ends at --max-steps), optionally divided by 10 at --lr-drop-at
-seconds (as the pipeline's train-all stage); BatchNorm moving statistics are recomputed
-before each evaluation when they are used (TRAIN_BN with NORM=batch).
+model building or evaluation; the first step's graph tracing, ~15 s, counts), steps, images
+seen, the COCO and VOC metrics of `trainer.evaluation.run.evaluate` on the val split (>= 100
+images), and the mean training losses since the previous line. Writes `curve.png` (mAP
+against training time) and `curve.jsonl` into --out. Training is one continuous run at the
+config's LEARNING_RATE (its warm-up and decay included; cosine decay ends at --max-steps),
+optionally divided by 10 at --lr-drop-at seconds (as the pipeline's train-all stage);
+BatchNorm moving statistics are recomputed before each evaluation when they are used
+(TRAIN_BN with NORM=batch).
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def main() -> None:
             window.append(model.keras_model.train_on_batch(batch, return_dict=True))
             trained += time.perf_counter() - start
             steps += 1
+        if not window:  # already past this checkpoint (the first step traces the graph)
+            continue
         if uses_moving_statistics:
             recompute_bn_statistics(model.keras_model, batches, steps=8)
         weights = out / "checkpoints" / f"step{steps:06d}.h5"
