@@ -14,6 +14,7 @@ TensorFlow's own GCS filesystem has credentials (it ignores STORAGE_EMULATOR_HOS
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
@@ -21,21 +22,53 @@ import tensorflow as tf
 from trainer.config import Config
 from trainer.data import tfrecord
 from trainer.data.transforms import has_objects, training_example
-from trainer.errors import UserError
+from trainer.errors import StorageError, UserError
 from trainer.io import storage
 from trainer.model.anchors import anchors_for_image
 
+MODEL_GARDEN_SHARD = re.compile(r"(?P<split>[A-Za-z0-9_]+?)-\d{5}-of-\d{5}(\.tfrecord)?")
 SHUFFLE_BUFFER = 512  # examples; shards are also read in shuffled, interleaved order
 Augmentation = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 
 def read_dataset_info(data_dir: str) -> dict:
-    """dataset.json of a prepared dataset folder (local path or gs://)."""
+    """dataset.json of a prepared dataset folder (local path or gs://); for a folder of shards
+    written by TF Model Garden's converters (no dataset.json), what their names tell (see
+    `model_garden_info`)."""
+    root = str(data_dir).rstrip("/")
     try:
-        return json.loads(storage.read_bytes(f"{str(data_dir).rstrip('/')}/dataset.json"))
+        text = storage.read_bytes(f"{root}/dataset.json")
+    except StorageError:
+        info = model_garden_info(root)
+        if info is None:
+            raise UserError(f"{data_dir} is not a prepared dataset: no dataset.json and no "
+                            "shards named SPLIT-NNNNN-of-NNNNN.tfrecord (run `mrcnn data "
+                            "prepare`)") from None
+        return info
+    try:
+        return json.loads(text)
     except ValueError as err:
         raise UserError(f"{data_dir}/dataset.json is not valid JSON ({err}): run "
                         "`mrcnn data prepare` again") from err
+
+
+def model_garden_info(data_dir: str) -> dict | None:
+    """A dataset.json's worth of facts about shards named as Model Garden's converters name
+    them (`{split}-NNNNN-of-NNNNN.tfrecord`, the split a file-name prefix such as train or
+    val): the splits and their shards; the image counts and class names are unknown (None),
+    so NUM_CLASSES is taken as given and the names default to class_1, ... (None) when none
+    exists in the folder. None when the folder holds no such shard."""
+    splits: dict[str, dict] = {}
+    for uri in storage.list_uris(data_dir if data_dir.startswith("gs://") else data_dir):
+        name = uri.rsplit("/", 1)[-1]
+        found = MODEL_GARDEN_SHARD.fullmatch(name)
+        if found:
+            split = {"validation": "val"}.get(found["split"], found["split"])
+            splits.setdefault(split, {"images": None, "shards": []})["shards"].append(name)
+    if not splits:
+        return None
+    return {"splits": splits, "class_names": None,
+            "source": {"name": "model_garden", "folder": data_dir}}
 
 
 def shard_paths(data_dir: str, split: str, info: dict | None = None) -> list[str]:
@@ -43,7 +76,7 @@ def shard_paths(data_dir: str, split: str, info: dict | None = None) -> list[str
     info = info if info is not None else read_dataset_info(data_dir)
     if split not in info["splits"]:
         raise UserError(f"{data_dir} has no split {split!r}; it has {sorted(info['splits'])}")
-    if not info["splits"][split]["images"]:
+    if info["splits"][split]["images"] == 0:  # None: not counted (Model Garden shards)
         raise UserError(f"the {split} split of {data_dir} is empty: prepare more images or a "
                         "larger --val-fraction")
     return [f"{str(data_dir).rstrip('/')}/{name}" for name in info["splits"][split]["shards"]]
@@ -55,9 +88,10 @@ def examples(data_dir: str, split: str = "val") -> tf.data.Dataset:
 
 
 def check_classes(data_dir: str, info: dict, config: Config) -> None:
-    """A UserError when the config's NUM_CLASSES is not the dataset's class count."""
+    """A UserError when the config's NUM_CLASSES is not the dataset's class count (unknown for
+    Model Garden shards: NUM_CLASSES is taken as given)."""
     names = info["class_names"]
-    if config.NUM_CLASSES != len(names):
+    if names is not None and config.NUM_CLASSES != len(names):
         raise UserError(f"NUM_CLASSES={config.NUM_CLASSES} but {data_dir} has {len(names)} "
                         f"classes {names} (background included): set NUM_CLASSES="
                         f"{len(names)}")

@@ -23,18 +23,19 @@ IMAGE_FORMATS = ("png", "jpeg")
 FEATURES = {
     # The image file's bytes exactly as read from the source (PNG or JPEG).
     "image/encoded": tf.io.FixedLenFeature((), tf.string),
-    # "png" or "jpeg": the format of image/encoded.
-    "image/format": tf.io.FixedLenFeature((), tf.string),
+    # "png" or "jpeg": the format of image/encoded ("" in records that lack it).
+    "image/format": tf.io.FixedLenFeature((), tf.string, default_value=""),
     # Image size in pixels; masks have this size too.
     "image/height": tf.io.FixedLenFeature((), tf.int64),
     "image/width": tf.io.FixedLenFeature((), tf.int64),
     # The file name inside the source's images folder ("000042.png" for generated shapes).
-    "image/filename": tf.io.FixedLenFeature((), tf.string),
+    "image/filename": tf.io.FixedLenFeature((), tf.string, default_value=""),
     # The source's image id as text (COCO's integer `id`; the sample index for shapes). The
     # val COCO json uses int(source_id) as its image id.
     "image/source_id": tf.io.FixedLenFeature((), tf.string),
-    # The source name: "shapes" or "coco".
-    "image/source": tf.io.FixedLenFeature((), tf.string),
+    # The source name: "shapes" or "coco" (ours; "" in records written by Model Garden's
+    # converters, which have only the keys above and below).
+    "image/source": tf.io.FixedLenFeature((), tf.string, default_value=""),
     # Object boxes, normalised by height/width: ymin = y1 / H, ymax = y2 / H (y2 exclusive).
     "image/object/bbox/ymin": tf.io.VarLenFeature(tf.float32),
     "image/object/bbox/xmin": tf.io.VarLenFeature(tf.float32),
@@ -44,11 +45,12 @@ FEATURES = {
     "image/object/class/label": tf.io.VarLenFeature(tf.int64),
     # The class name of each object (class_names[label]).
     "image/object/class/text": tf.io.VarLenFeature(tf.string),
-    # 1 for a COCO crowd region (iscrowd), else 0.
+    # 1 for a COCO crowd region (iscrowd), else 0 (absent: no crowd regions).
     "image/object/is_crowd": tf.io.VarLenFeature(tf.int64),
-    # Mask area in pixels.
+    # Mask area in pixels (absent: 0).
     "image/object/area": tf.io.VarLenFeature(tf.float32),
-    # One single-channel PNG per object, image-sized, non-zero inside the object.
+    # One single-channel PNG per object, image-sized, non-zero inside the object: ours and
+    # Model Garden's converters write 8-bit 0/1.
     "image/object/mask": tf.io.VarLenFeature(tf.string),
 }
 
@@ -78,19 +80,27 @@ def decode_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     boxes = tf.stack(
         [dense[f"image/object/bbox/{side}"] for side in ("ymin", "xmin", "ymax", "xmax")], axis=-1
     )
+    labels = dense["image/object/class/label"]
     return {
         "image": image,
         "masks": _decode_masks(dense["image/object/mask"], height, width),
         "boxes": tf.reshape(boxes, [-1, 4]),
         "class_ids": tf.cast(dense["image/object/class/label"], tf.int32),
-        "is_crowd": dense["image/object/is_crowd"] > 0,
-        "area": dense["image/object/area"],
+        "is_crowd": _per_object(dense["image/object/is_crowd"], labels) > 0,
+        "area": _per_object(dense["image/object/area"], labels),
         "source": dense["image/source"],
         "source_id": dense["image/source_id"],
         "filename": dense["image/filename"],
         "height": height,
         "width": width,
     }
+
+
+def _per_object(values: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """An optional per-object list: as stored, or zeros (one per label) when the record has
+    none (Model Garden writes is_crowd and area only for COCO)."""
+    return tf.cond(tf.size(values) > 0, lambda: values,
+                   lambda: tf.zeros(tf.shape(labels), values.dtype))
 
 
 def _decode_masks(pngs: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:

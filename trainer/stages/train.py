@@ -62,10 +62,7 @@ def run_training(config: Config, data: str | Path, *, val_data: str | Path | Non
     for folder, split in ((data, "train"), (val_data, "val")):
         if folder is None:
             continue
-        if "://" not in str(folder) and not (Path(folder) / "dataset.json").is_file():
-            raise UserError(f"{folder} is not a prepared dataset (no dataset.json): run "
-                            "`mrcnn data prepare` first")
-        info = read_dataset_info(str(folder))
+        info = read_dataset_info(str(folder))  # ours, or Model Garden's shards
         check_classes(str(folder), info, config)
         shard_paths(str(folder), split, info)
     rate = learning_rate_for(config, learning_rate, lr_factor)
