@@ -150,20 +150,10 @@ def profile(config_path: str, overrides: list[str], steps: int, warmup: int) -> 
     import numpy as np
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    from train_step import training_setup  # bench/, beside this script
 
-    from trainer import Config, MaskRCNN
-    from trainer.data import shapes
-    from trainer.data.memory import examples_dataset
-
-    config = Config.from_yaml(config_path, overrides)
+    config, keras_model, batches = training_setup(config_path, overrides)
     side = int(config.IMAGE_SHAPE[0])
-    samples = list(shapes.generate(max(8, config.BATCH_SIZE), seed=0, height=side, width=side))
-    batches = iter(examples_dataset(samples, config))
-    model = MaskRCNN("training", config)
-    keras_model = model.keras_model
-    keras_model.compile(optimizer=keras.optimizers.SGD(
-        config.LEARNING_RATE, momentum=config.LEARNING_MOMENTUM,
-        global_clipnorm=config.GRADIENT_CLIP_NORM))
     for _ in range(warmup):
         keras_model.train_on_batch(next(batches))
     start = time.perf_counter()

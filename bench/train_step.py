@@ -19,7 +19,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def measure(config_path: str, overrides: list[str], steps: int, warmup: int) -> dict:
+def training_setup(config_path: str, overrides: list[str]):
+    """(config, compiled keras model, an endless iterator of batches) for timing a training
+    step: generated shapes, matterport's optimizer (SGD + momentum, global gradient clip)."""
     import keras
 
     from trainer import Config, MaskRCNN
@@ -30,15 +32,21 @@ def measure(config_path: str, overrides: list[str], steps: int, warmup: int) -> 
     side = int(config.IMAGE_SHAPE[0])
     samples = list(shapes.generate(max(8, config.BATCH_SIZE), seed=0, height=side, width=side))
     batches = iter(examples_dataset(samples, config))
-    model = MaskRCNN("training", config)
-    model.keras_model.compile(optimizer=keras.optimizers.SGD(
+    keras_model = MaskRCNN("training", config).keras_model
+    keras_model.compile(optimizer=keras.optimizers.SGD(
         config.LEARNING_RATE, momentum=config.LEARNING_MOMENTUM,
         global_clipnorm=config.GRADIENT_CLIP_NORM))
+    return config, keras_model, batches
+
+
+def measure(config_path: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    config, keras_model, batches = training_setup(config_path, overrides)
+    side = int(config.IMAGE_SHAPE[0])
     for _ in range(warmup):
-        model.keras_model.train_on_batch(next(batches))
+        keras_model.train_on_batch(next(batches))
     start = time.perf_counter()
     for _ in range(steps):
-        model.keras_model.train_on_batch(next(batches))
+        keras_model.train_on_batch(next(batches))
     seconds = (time.perf_counter() - start) / steps
     return {
         "benchmark": "train_step",
