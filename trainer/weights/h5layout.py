@@ -69,10 +69,19 @@ class FileLayout:
 
 
 def _text(value: object) -> str:
-    """An attribute value written as bytes (Keras 2) or as a str (h5py vlen) -> str."""
+    """An attribute value written as bytes (Keras 2) or as a str (h5py vlen) -> str.
+    Names that are not UTF-8 raise UnicodeDecodeError (see _damaged), whichever way h5py
+    hands them over: as bytes, or as a str carrying surrogate escapes."""
     if isinstance(value, (bytes, np.bytes_)):
-        return bytes(value).decode("utf-8")  # UnicodeDecodeError: see _damaged
-    return str(value)
+        return bytes(value).decode("utf-8")
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raw = text.encode("utf-8", "surrogateescape")
+        raise UnicodeDecodeError("utf-8", raw, err.start, err.end, "invalid start byte"
+                                 ) from None
+    return text
 
 
 def _member(group: h5py.Group, name: str, path: str) -> h5py.Group | h5py.Dataset | None:
