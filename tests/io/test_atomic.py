@@ -37,3 +37,17 @@ def test_the_path_form_is_renamed_only_when_the_block_ends(tmp_path):
     assert dest.read_bytes() == b"complete"
     copy_atomic(dest, tmp_path / "copy" / "checkpoint.h5")
     assert (tmp_path / "copy" / "checkpoint.h5").read_bytes() == b"complete"
+
+
+def test_replace_dir_swaps_a_finished_folder_in_whole(tmp_path):
+    from trainer.io.atomic import replace_dir
+
+    dest = tmp_path / "dataset"
+    (tmp_path / "first").mkdir()
+    (tmp_path / "first" / "a").write_text("1")
+    replace_dir(tmp_path / "first", dest)  # no previous folder
+    (tmp_path / "second").mkdir()
+    (tmp_path / "second" / "b").write_text("2")
+    replace_dir(tmp_path / "second", dest)  # the old one moved aside, then deleted
+    assert os.listdir(dest) == ["b"]
+    assert sorted(os.listdir(tmp_path)) == ["dataset"]

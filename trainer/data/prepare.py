@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import secrets
 import shutil
@@ -43,6 +42,7 @@ from trainer.data.coco_json import CocoJsonWriter, coco_annotations
 from trainer.data.records import AnnotatedImage
 from trainer.data.workers import available_cpus, ordered_results
 from trainer.errors import UserError
+from trainer.io.atomic import replace_dir
 from trainer.progress import Progress
 
 SOURCES = ("shapes", "coco")
@@ -276,7 +276,7 @@ def prepare_dataset(
                                      issues, {**options, "shards": shards, "workers": workers,
                                               "progress": progress})
             (tmp / PARTIAL_LOCK).unlink()  # still held: gone before the folder is published
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -449,14 +449,3 @@ def _check_replaceable(out: Path) -> None:
     if others:
         raise UserError(f"--out {out} holds files that `mrcnn data prepare` did not write "
                         f"({', '.join(others[:3])}): move them away or choose a new folder")
-
-
-def _replace_dir(complete: Path, out: Path) -> None:
-    """Moves `complete` to `out`; an existing `out` is replaced only now, by two renames."""
-    if not out.exists():
-        os.rename(complete, out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.rename(out, old)
-    os.rename(complete, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -26,7 +26,6 @@ default; matterport's COCO and shapes configs use it).
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 from pathlib import Path
@@ -38,6 +37,7 @@ from trainer.config import Config
 from trainer.data.transforms import inference_inputs
 from trainer.engine.maskrcnn import MaskRCNN
 from trainer.errors import UserError
+from trainer.io.atomic import replace_dir
 from trainer.model.image_meta import parse_image_meta
 
 SIGNATURE = "serving_default"
@@ -135,13 +135,7 @@ def export_saved_model(config: Config, weights: str | Path, out_dir: str | Path,
     tmp = out.parent / f".{out.name}.export-{secrets.token_hex(4)}"
     try:
         tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: module.serve})
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -84,6 +84,20 @@ def remove_temporaries(folder: str | os.PathLike, dest_pattern: str = ".*") -> l
     return sorted(removed)
 
 
+def replace_dir(complete: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Moves the finished folder `complete` (written beside `dest`) to `dest`. An existing
+    `dest` is replaced only now, by two renames: it is moved aside, the new one moved in,
+    then the old one deleted."""
+    complete, dest = Path(complete), Path(dest)
+    if not dest.exists():
+        os.rename(complete, dest)
+        return
+    old = dest.parent / f".{dest.name}.old-{secrets.token_hex(4)}"
+    os.rename(dest, old)
+    os.rename(complete, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
