@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlparse
 
 import kfp
 import kfp_server_api
@@ -41,8 +40,9 @@ from pipeline.params import (
     with_local_preset,
 )
 from pipeline.pipeline import mask_rcnn_pipeline
-from trainer.errors import UserError
+from trainer.errors import StorageError, UserError
 from trainer.io.atomic import copy_atomic
+from trainer.io.storage import parse_uri
 
 ENV_PARAMETERS = {
     "CONFIG_PRESET": "config_preset",
@@ -157,9 +157,8 @@ def call_api(host: str, what: str, call: Callable[[], T], *, repeatable: bool = 
 
 def _client(host: str, namespace: str | None) -> kfp.Client:
     try:
-        parsed = urlparse(host)
-        parsed.port  # parsing the port raises for a bad one
-    except ValueError as err:
+        parsed = parse_uri(host)
+    except StorageError as err:
         raise UserError(f"--host {host!r} is malformed ({err}): expected "
                         "http(s)://HOST[:PORT], e.g. http://localhost:8888") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
