@@ -39,15 +39,20 @@ def training_setup(config_path: str, overrides: list[str]):
     return config, keras_model, batches
 
 
-def measure(config_path: str, overrides: list[str], steps: int, warmup: int) -> dict:
-    config, keras_model, batches = training_setup(config_path, overrides)
-    side = int(config.IMAGE_SHAPE[0])
+def seconds_per_step(keras_model, batches, steps: int, warmup: int) -> float:
+    """Mean seconds of `steps` training steps, after `warmup` untimed ones (graph tracing)."""
     for _ in range(warmup):
         keras_model.train_on_batch(next(batches))
     start = time.perf_counter()
     for _ in range(steps):
         keras_model.train_on_batch(next(batches))
-    seconds = (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps
+
+
+def measure(config_path: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    config, keras_model, batches = training_setup(config_path, overrides)
+    side = int(config.IMAGE_SHAPE[0])
+    seconds = seconds_per_step(keras_model, batches, steps, warmup)
     return {
         "benchmark": "train_step",
         "config": config_path,
