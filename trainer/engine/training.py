@@ -138,11 +138,53 @@ class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "decay_steps": self.decay_steps, "start_step": self.start_step}
 
 
+class AllReducedClipping:
+    """Optimizer mixin: gradients are summed over all replicas (and workers) BEFORE they are
+    clipped by their global norm, so GPU_COUNT x WORKERS replicas take the step one device
+    takes on the whole batch (matterport's meaning of GRADIENT_CLIP_NORM).
+
+    Keras 3 (TF backend) clips each replica's share in `apply` and sums the shares only
+    afterwards, in `_backend_update_step`: with two replicas each share was clipped to the
+    norm, and their sum could reach twice it. Here `_clip_gradients` (called once per step,
+    in the replica context, just before the update) does the one all-reduce itself and
+    `_all_reduce_sum_gradients` passes the sums through instead of summing again.
+    """
+
+    def _clip_gradients(self, grads):
+        context = tf.distribute.get_replica_context()
+        if context is not None:  # None: cross-replica context, nothing to sum
+            present = [g for g in grads if g is not None]
+            summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present)
+                          if present else [])
+            grads = [None if g is None else next(summed) for g in grads]
+        return super()._clip_gradients(grads)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return list(grads_and_vars)  # summed in _clip_gradients already
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class SGD(AllReducedClipping, keras.optimizers.SGD):
+    """Keras SGD; global-norm clipping of the gradient summed over replicas."""
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class Adam(AllReducedClipping, keras.optimizers.Adam):
+    """Keras Adam; global-norm clipping of the gradient summed over replicas."""
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class AdamW(AllReducedClipping, keras.optimizers.AdamW):
+    """Keras AdamW; global-norm clipping of the gradient summed over replicas."""
+
+
 def make_optimizer(learning_rate: float, config, start_step: int = 0,
                    end_step: int = 0) -> keras.optimizers.Optimizer:
     """The config's OPTIMIZER with gradients clipped by their GLOBAL norm: Keras 2's
     `clipnorm` (matterport's GRADIENT_CLIP_NORM) clipped all gradients together; Keras 3's
-    `clipnorm` clips each one separately, its `global_clipnorm` is the old meaning.
+    `clipnorm` clips each one separately, its `global_clipnorm` is the old meaning. The norm
+    is that of the gradient summed over all replicas and workers (`AllReducedClipping`), as
+    matterport's single device saw it.
 
     sgd (matterport's): momentum LEARNING_MOMENTUM. adam: Adam (beta_1 0.9), whose steps do not
     depend on the gradients' scale: from random initialisation the first convolution's
@@ -160,14 +202,13 @@ def make_optimizer(learning_rate: float, config, start_step: int = 0,
             end_step if config.LR_DECAY == "cosine" else 0, start_step)
     clip = config.GRADIENT_CLIP_NORM
     if config.OPTIMIZER == "adam":
-        return keras.optimizers.Adam(learning_rate=rate, global_clipnorm=clip)
+        return Adam(learning_rate=rate, global_clipnorm=clip)
     if config.OPTIMIZER == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate=rate, weight_decay=config.WEIGHT_DECAY,
-                                           global_clipnorm=clip)
+        optimizer = AdamW(learning_rate=rate, weight_decay=config.WEIGHT_DECAY,
+                          global_clipnorm=clip)
         optimizer.exclude_from_weight_decay(var_names=["gamma", "beta"])
         return optimizer
-    return keras.optimizers.SGD(learning_rate=rate, momentum=config.LEARNING_MOMENTUM,
-                                global_clipnorm=clip)
+    return SGD(learning_rate=rate, momentum=config.LEARNING_MOMENTUM, global_clipnorm=clip)
 
 
 def recompute_bn_statistics(keras_model: keras.Model, batches, steps: int = 1) -> int:
