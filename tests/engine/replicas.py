@@ -8,8 +8,14 @@ before TensorFlow starts, so each scenario runs in a process of its own.
                                                          GPU_COUNT=2 x 1 image vs 1 x 2
     python -m tests.engine.replicas worker-clip       -> JSON: the `clip` steps under
                                                          MultiWorkerMirroredStrategy (TF_CONFIG)
+    python -m tests.engine.replicas worker-train MODEL_DIR DATA PROBE_DIR
+                                                      -> JSON: 2 epochs of MaskRCNN.train on
+                                                         WORKERS=2, resumed from the last
+                                                         checkpoint; the state it resumed with
+                                                         saved to PROBE_DIR; worker 1 kills
+                                                         itself mid-epoch 2 if MRCNN_TEST_KILL
 
-Every process gets two logical CPUs.
+The single-process scenarios get two logical CPUs; a worker trains on its one CPU.
 """
 
 import json
@@ -70,6 +76,13 @@ def initial_weights():
     return [rng.normal(size=(4, 3)).astype(np.float32) * 0.1, np.zeros(3, np.float32)]
 
 
+def several_workers_fit(model, strategy) -> None:
+    from trainer.engine.training import fit_on_several_workers
+
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        fit_on_several_workers(model)
+
+
 def clipped_steps(strategy, global_batch: int, optimizer_factory=None) -> list:
     """Weights after STEPS steps of the project's SGD (momentum 0.9, global clip CLIP) on
     global batches of `global_batch` examples, split over the strategy's replicas."""
@@ -84,6 +97,8 @@ def clipped_steps(strategy, global_batch: int, optimizer_factory=None) -> list:
         model.set_weights(initial_weights())
         optimizer = (optimizer_factory or (lambda: make_optimizer(0.5, config)))()
         model.compile(optimizer=optimizer)
+        optimizer.build(model.trainable_variables)
+    several_workers_fit(model, strategy)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -187,6 +202,53 @@ def worker_clip() -> dict:
     return {"replicas": strategy.num_replicas_in_sync, "weights": clipped_steps(strategy, 2)}
 
 
+def worker_train(model_dir: str, data: str, probe_dir: str) -> dict:
+    import signal
+    from pathlib import Path
+
+    from trainer import Config
+    from trainer.stages.train import run_training
+    from trainer.weights.by_name import save_weights, weight_names
+    from trainer.weights.checkpoints import find_last_checkpoint, save_optimizer_state
+
+    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    config = Config.from_yaml("configs/demo.yaml", [
+        *MRCNN, "WORKERS=2", "GPU_COUNT=1", "IMAGES_PER_GPU=1", "STEPS_PER_EPOCH=3",
+        "VALIDATION_STEPS=0", "LEARNING_MOMENTUM=0.9", "GRADIENT_CLIP_NORM=1.0"])
+
+    class KillMidEpoch(keras.callbacks.Callback):
+        """Worker 1 dies (SIGKILL: no cleanup) after the first step of epoch 2."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch == 1 and batch == 0 and task == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    class Probe(keras.callbacks.Callback):
+        """The weights and optimizer state training (re)starts from, as a checkpoint holds
+        them."""
+
+        def on_train_begin(self, logs=None):
+            variables = self.model.trainable_variables
+            save_optimizer_state(Path(probe_dir) / f"worker{task}.npz", self.model.optimizer,
+                                 variables, weight_names(self.model, variables))
+            save_weights(self.model, Path(probe_dir) / f"worker{task}.h5")
+
+    try:
+        init = str(find_last_checkpoint(model_dir, config.NAME))
+    except Exception:
+        init = "none"
+    callbacks = [Probe(), *([KillMidEpoch()] if os.environ.get("MRCNN_TEST_KILL") else [])]
+    keras.utils.set_random_seed(0)
+    summary = run_training(config, data, init=init, layers="all", epochs=2,
+                           learning_rate=0.01, model_dir=model_dir, verbose=0,
+                           custom_callbacks=callbacks)
+    return {"task": task, "init": init, "checkpoint": summary["checkpoint"],
+            "loss": summary["history"]["loss"]}
+
+
 if __name__ == "__main__":
     scenario = sys.argv[1]
     if scenario == "clip":
@@ -195,6 +257,8 @@ if __name__ == "__main__":
         result = mrcnn()
     elif scenario == "worker-clip":
         result = worker_clip()
+    elif scenario == "worker-train":
+        result = worker_train(*sys.argv[2:5])
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     print(json.dumps(result))

@@ -4,6 +4,7 @@ TensorFlow's devices are fixed when it starts)."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,64 @@ def test_mask_rcnn_on_two_replicas_matches_one_device_with_two_images():
     assert clipped["norm_two"] == pytest.approx(0.1, rel=1e-3)
     assert clipped["norm_one"] == pytest.approx(0.1, rel=1e-3)
     assert clipped["cosine"] > 0.9
+
+
+# === Several workers: two processes on 127.0.0.1 under MultiWorkerMirroredStrategy ===
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def start_workers(*args: str, env: dict | None = None) -> list[subprocess.Popen]:
+    """Two worker processes (worker 0 is the chief: the cluster names no chief task) running
+    `python -m tests.engine.replicas ARGS`, each with its TF_CONFIG."""
+    hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+        worker_env = {**os.environ, **(env or {}), "TF_CONFIG": json.dumps(tf_config),
+                      "PYTHONPATH": os.pathsep.join(
+                          [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.engine.replicas", *args], cwd=ROOT, env=worker_env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return processes
+
+
+def finish(processes: list[subprocess.Popen], timeout: int = 600) -> list[dict]:
+    """Each worker's JSON report once all exit 0; kills every one still running on failure."""
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in processes]
+        for p, (out, err) in zip(processes, outputs):
+            assert p.returncode == 0, err[-3000:]
+        return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    finally:
+        stop(processes)
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for p in processes:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+@pytest.mark.slow
+def test_two_worker_processes_take_the_one_device_clipped_step():
+    import tensorflow as tf
+
+    from tests.engine.replicas import clipped_steps
+
+    reports = finish(start_workers("worker-clip"))
+    assert [r["replicas"] for r in reports] == [2, 2]
+    one_device = flat(clipped_steps(tf.distribute.get_strategy(), 2))
+    for report in reports:  # both workers hold the same weights: one device's
+        np.testing.assert_allclose(flat(report["weights"]), one_device, rtol=0, atol=1e-6)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ import tensorflow as tf
 
 from trainer.data import input as data_input
 from trainer.data.augment import Augmentation
+from trainer.engine.strategy import is_chief
 from trainer.errors import UserError
 from trainer.weights.by_name import save_weights, weight_names
 from trainer.weights.checkpoints import (
@@ -332,6 +334,45 @@ def _datasets(model, train_data, val_data, augmentation, no_augmentation_sources
     return one(train_data, True), (None if val_data is None else one(val_data, False))
 
 
+def _per_replica(strategy, dataset: tf.data.Dataset, images_per_gpu: int):
+    """With several workers: each worker's own pipeline (batches of its GPU_COUNT x
+    IMAGES_PER_GPU images, shuffled independently of the other workers') split into
+    per-replica batches; the global batch is then IMAGES_PER_GPU x GPU_COUNT x WORKERS."""
+    return strategy.distribute_datasets_from_function(
+        lambda context: dataset.rebatch(images_per_gpu, drop_remainder=True))
+
+
+def fit_on_several_workers(keras_model: keras.Model) -> None:
+    """Two work-arounds for Keras 3.15's `fit` under MultiWorkerMirroredStrategy, for a model
+    and optimizer built before `fit` (as `train` builds them):
+    - `fit` first averages one input batch over the replicas (`strategy.reduce` of the
+      input structure) for a symbolic build, which this strategy cannot reduce (it fails
+      converting a PerReplica): a built model needs no symbolic build, so it is skipped;
+    - the step's logs are averaged with `strategy.reduce(MEAN, axis=0)`, which fails on the
+      scalars a step returns: the steps here return each log as a [1] vector, whose mean is
+      the scalar. Every replica's value is already the all-replica value (Keras metrics sum
+      their variables across replicas), so the mean changes nothing."""
+    if not (keras_model.built and keras_model.optimizer is not None
+            and keras_model.optimizer.built):
+        raise AssertionError("fit_on_several_workers needs a built model and optimizer")
+    keras_model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    for name in ("train_step", "test_step"):
+        step = getattr(keras_model, name)
+        setattr(keras_model, name, lambda data, step=step: {
+            key: tf.reshape(value, [1]) for key, value in step(data).items()})
+
+
+def _writing_folder(model, chief: bool) -> Path:
+    """Where this process writes checkpoints and TensorBoard logs: the run folder for the
+    chief; for another worker a scratch folder of the same name, deleted by nobody's code but
+    the pod's end (TensorFlow's multi-worker rule: only the chief's files are the run's)."""
+    if model.resume_from is None and chief:  # a new run: a folder of its own
+        model.log_dir = create_run_folder(model.model_dir, model.config.NAME)
+    if chief:
+        return model.log_dir
+    return Path(tempfile.mkdtemp(prefix="mrcnn-worker-")) / model.log_dir.name
+
+
 def train(model, train_data, val_data, learning_rate: float, epochs: int, layers: str,
           augmentation=None, custom_callbacks: Sequence[keras.callbacks.Callback] | None = None,
           no_augmentation_sources: Sequence[str] | None = None, verbose: int = 1,
@@ -359,12 +400,18 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
                                    no_augmentation_sources)
     if keep_last is not None and keep_last < 1:
         raise UserError(f"keep_last must be at least 1 (or None: keep all), got {keep_last}")
-    if model.resume_from is None:  # a new run: a folder of its own, never a concurrent run's
-        model.log_dir = create_run_folder(model.model_dir, config.NAME)
-    for leftover in remove_leftovers(model.log_dir, config.NAME):
+    chief = is_chief(config)
+    log_dir = _writing_folder(model, chief)
+    for leftover in remove_leftovers(log_dir, config.NAME) if chief else ():
         print(f"Removed {leftover.name}, left by an interrupted checkpoint write")
+    per_worker_train = train_set
+    if config.WORKERS > 1:
+        train_set = _per_replica(model.strategy, train_set, config.IMAGES_PER_GPU)
+        if val_set is not None:
+            val_set = _per_replica(model.strategy, val_set, config.IMAGES_PER_GPU)
     print(f"\nStarting at epoch {model.epoch}. LR={learning_rate}\n")
-    print(f"Checkpoint Path: {model.log_dir}/mask_rcnn_{config.NAME.lower()}_*epoch*.h5")
+    print(f"Checkpoint Path: {log_dir}/mask_rcnn_{config.NAME.lower()}_*epoch*.h5"
+          + ("" if chief else " (scratch: a worker that is not the chief)"))
     print("Selecting layers to train")
     keras_model = model.keras_model
     with model.strategy.scope():
@@ -381,6 +428,8 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
         if restored:
             print(f"Restored optimizer state (iteration {int(optimizer.iterations.numpy())}) "
                   f"from {optimizer_path(model.resume_from)}")
+    if config.WORKERS > 1:
+        fit_on_several_workers(keras_model)
     schedule = optimizer._learning_rate
     if isinstance(schedule, WarmupCosineSchedule):
         # The restored iterations already count this stage's earlier epochs.
@@ -392,13 +441,14 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
     guard = NonFiniteLossGuard()
     # A checkpoint whose optimizer state did not restore ended another stage: kept.
     stage_start = [model.resume_from] if model.resume_from is not None and not restored else []
-    checkpoint = EpochCheckpoint(model.log_dir, config.NAME, guard,
+    checkpoint = EpochCheckpoint(log_dir, config.NAME, guard,
                                  {"layers": regex, "learning_rate": learning_rate},
                                  keep_last=keep_last, protected=stage_start)
     uses_batch_statistics = config.TRAIN_BN and config.NORM == "batch"  # GroupNorm has none
-    precise_bn = [PreciseBatchNorm(iter(train_set), guard)] if uses_batch_statistics else []
+    precise_bn = ([PreciseBatchNorm(iter(per_worker_train), guard)] if uses_batch_statistics
+                  else [])
     callbacks = [guard, *precise_bn, checkpoint,
-                 keras.callbacks.TensorBoard(log_dir=str(model.log_dir), write_graph=False),
+                 keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False),
                  *(custom_callbacks or [])]
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
     history = keras_model.fit(

@@ -20,6 +20,7 @@ import keras
 from trainer.config import Config
 from trainer.data.input import check_classes, read_dataset_info, shard_paths
 from trainer.engine.maskrcnn import MaskRCNN
+from trainer.engine.strategy import is_chief
 from trainer.engine.training import learning_rate_for, resolve_layers
 from trainer.errors import UserError
 from trainer.io.atomic import copy_atomic, write_atomic
@@ -144,13 +145,25 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
     trains all layers at a tenth of the heads' rate). upstream: also record the fetch-weights
     and prepare-data stage runs from init_dir and dataset_dir (those tasks are cached and
     track nothing themselves). Returns the last epoch's logs as `metrics` and the
-    checkpoint's name and epoch."""
-    with StageTracker(tracking, stage) as tracker:
+    checkpoint's name and epoch.
+
+    Multi-worker (WORKERS > 1 in the overrides, TF_CONFIG set by the TFJob operator): every
+    worker pod calls this with the same arguments; checkpoint_root must be the same shared
+    folder for all (a ReadWriteMany volume) and dataset_dir readable by all (gs://). Only the
+    chief writes checkpoints (in checkpoint_root), out_dir and MLflow records; the others
+    write checkpoints and TensorBoard logs to a scratch folder and return the same summary."""
+    try:
         pipeline_config = stage_config(config_preset, config_yaml, overrides)
-        if upstream:
+        cfg = pipeline_config.replace(GPU_COUNT=gpu_count)
+        chief, failure = is_chief(cfg), None
+    except UserError as err:  # recorded as the stage's failure, as any other bad input
+        chief, failure = True, err
+    with StageTracker(tracking, stage, enabled=chief) as tracker:
+        if failure is not None:
+            raise failure
+        if upstream and chief:
             track_fetch(tracking, pipeline_config, init_dir or "")
             track_prepare(tracking, pipeline_config, dataset_dir)
-        cfg = pipeline_config.replace(GPU_COUNT=gpu_count)
         model_dir = Path(checkpoint_root) / _run_folder_key(tracking.pipeline_run_id) / stage
         init, why = resolve_init(init_dir, model_dir, cfg)
         print(f"{stage}: {why}; checkpoints in {model_dir}", flush=True)
@@ -174,11 +187,16 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
             raise UserError(f"{stage}: no checkpoint was written (epochs={epochs} is not past "
                             f"the starting epoch {summary['start_epoch']})")
         checkpoint = Path(summary["checkpoint"])
+        metrics = {k: values[-1] for k, values in summary["history"].items() if values}
+        result = {"metrics": metrics, "checkpoint": checkpoint.name, "epoch": summary["epoch"]}
+        if not chief:
+            print(f"{stage}: not the chief: the chief's {model_dir} holds the checkpoints",
+                  flush=True)
+            return result
         out = Path(out_dir)
         copy_atomic(checkpoint, out / checkpoint.name)
         write_atomic(out / "config.yaml", cfg.to_yaml())
         write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True))
         tracker.log_artifact(out / SUMMARY_FILE, "checkpoint")
         tracker.log_artifact(out / checkpoint.name, "checkpoint")
-        metrics = {k: values[-1] for k, values in summary["history"].items() if values}
-        return {"metrics": metrics, "checkpoint": checkpoint.name, "epoch": summary["epoch"]}
+        return result
