@@ -130,3 +130,57 @@ def test_two_worker_processes_take_the_one_device_clipped_step():
     one_device = flat(clipped_steps(tf.distribute.get_strategy(), 2))
     for report in reports:  # both workers hold the same weights: one device's
         np.testing.assert_allclose(flat(report["weights"]), one_device, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_worker_lost_mid_epoch_resumes_both_from_the_chiefs_last_checkpoint(tmp_path):
+    from trainer.data.prepare import prepare_dataset
+    from trainer.weights.h5layout import read_arrays, read_layout
+
+    def weights_of(path):
+        return read_arrays(path, read_layout(path).weighted_layers)
+
+    data, shared, probes = tmp_path / "data", tmp_path / "shared", tmp_path / "probes"
+    prepare_dataset("shapes", data, count=6, image_size=64, val_fraction=0.2, shards=1,
+                    workers=1, progress=False)
+    probes.mkdir()
+    args = ("worker-train", str(shared), str(data), str(probes))
+
+    # Worker 1 kills itself after the first step of epoch 2; the chief then waits for it in
+    # the next all-reduce for ever, and is killed too (as a TFJob restarts all pods).
+    workers = start_workers(*args, env={"MRCNN_TEST_KILL": "1"})
+    try:
+        assert workers[1].wait(timeout=600) == -9
+    finally:
+        stop(workers)
+    [run] = list(shared.iterdir())
+    assert sorted(p.name for p in run.glob("mask_rcnn_*")) == [
+        "mask_rcnn_demo_0001.h5", "mask_rcnn_demo_0001.optimizer.npz"]  # none of epoch 2
+    checkpoint = run / "mask_rcnn_demo_0001.h5"
+    saved_weights = weights_of(checkpoint)
+    with np.load(run / "mask_rcnn_demo_0001.optimizer.npz") as state:
+        saved_state = dict(state)
+
+    reports = finish(start_workers(*args))
+    for report in reports:  # both restarted from the chief's checkpoint...
+        assert report["init"] == str(checkpoint)
+        assert report["checkpoint"].endswith("mask_rcnn_demo_0002.h5")
+        assert np.isfinite(report["loss"]).all()
+    for task in (0, 1):  # ...with exactly its weights and optimizer state
+        restored = weights_of(probes / f"worker{task}.h5")
+        assert restored.keys() == saved_weights.keys()
+        for name, values in saved_weights.items():
+            for a, b in zip(restored[name], values, strict=True):
+                np.testing.assert_array_equal(a, b)
+        with np.load(probes / f"worker{task}.npz") as state:
+            assert int(state["iterations"]) == int(saved_state["iterations"]) == 3
+            slots = [k for k in saved_state if k.startswith("slot_")]
+            assert slots and any(np.abs(saved_state[k]).sum() > 0 for k in slots)
+            for key in slots:
+                np.testing.assert_array_equal(state[key], saved_state[key])
+    # Only the chief wrote into the shared folder; worker 1's checkpoints went to scratch.
+    assert reports[0]["checkpoint"] == str(run / "mask_rcnn_demo_0002.h5")
+    assert not reports[1]["checkpoint"].startswith(str(shared))
+    assert [p.name for p in shared.iterdir()] == [run.name]
+    assert sorted(p.name for p in run.glob("*.h5")) == ["mask_rcnn_demo_0001.h5",
+                                                        "mask_rcnn_demo_0002.h5"]
