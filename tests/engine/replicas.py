@@ -8,9 +8,9 @@ before TensorFlow starts, so each scenario runs in a process of its own.
                                                          GPU_COUNT=2 x 1 image vs 1 x 2
     python -m tests.engine.replicas worker-clip       -> JSON: the `clip` steps under
                                                          MultiWorkerMirroredStrategy (TF_CONFIG)
-    python -m tests.engine.replicas worker-train MODEL_DIR DATA PROBE_DIR
-                                                      -> JSON: 2 epochs of MaskRCNN.train on
-                                                         WORKERS=2, resumed from the last
+    python -m tests.engine.replicas worker-train ROOT DATA PROBE_DIR
+                                                      -> JSON: train_stage's result, 2 epochs
+                                                         on WORKERS=2, resumed from the last
                                                          checkpoint; the state it resumed with
                                                          saved to PROBE_DIR; worker 1 kills
                                                          itself mid-epoch 2 if MRCNN_TEST_KILL
@@ -202,19 +202,18 @@ def worker_clip() -> dict:
     return {"replicas": strategy.num_replicas_in_sync, "weights": clipped_steps(strategy, 2)}
 
 
-def worker_train(model_dir: str, data: str, probe_dir: str) -> dict:
+def worker_train(root: str, data: str, probe_dir: str) -> dict:
+    """What a TFJob pod runs: the pipeline's train task, two epochs, WORKERS=2; checkpoints
+    in root/shared, MLflow in root/mlflow.db, the task's outputs in root/out<task>."""
     import signal
     from pathlib import Path
 
-    from trainer import Config
-    from trainer.stages.train import run_training
+    from trainer.stages.tracking import TrackingSettings
+    from trainer.stages.train import train_stage
     from trainer.weights.by_name import save_weights, weight_names
-    from trainer.weights.checkpoints import find_last_checkpoint, save_optimizer_state
+    from trainer.weights.checkpoints import save_optimizer_state
 
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    config = Config.from_yaml("configs/demo.yaml", [
-        *MRCNN, "WORKERS=2", "GPU_COUNT=1", "IMAGES_PER_GPU=1", "STEPS_PER_EPOCH=3",
-        "VALIDATION_STEPS=0", "LEARNING_MOMENTUM=0.9", "GRADIENT_CLIP_NORM=1.0"])
 
     class KillMidEpoch(keras.callbacks.Callback):
         """Worker 1 dies (SIGKILL: no cleanup) after the first step of epoch 2."""
@@ -236,17 +235,19 @@ def worker_train(model_dir: str, data: str, probe_dir: str) -> dict:
                                  variables, weight_names(self.model, variables))
             save_weights(self.model, Path(probe_dir) / f"worker{task}.h5")
 
-    try:
-        init = str(find_last_checkpoint(model_dir, config.NAME))
-    except Exception:
-        init = "none"
-    callbacks = [Probe(), *([KillMidEpoch()] if os.environ.get("MRCNN_TEST_KILL") else [])]
     keras.utils.set_random_seed(0)
-    summary = run_training(config, data, init=init, layers="all", epochs=2,
-                           learning_rate=0.01, model_dir=model_dir, verbose=0,
-                           custom_callbacks=callbacks)
-    return {"task": task, "init": init, "checkpoint": summary["checkpoint"],
-            "loss": summary["history"]["loss"]}
+    return train_stage(
+        config_preset="configs/demo.yaml", config_yaml="",
+        overrides=[*MRCNN, "WORKERS=2", "IMAGES_PER_GPU=1", "STEPS_PER_EPOCH=3",
+                   "VALIDATION_STEPS=0", "LEARNING_MOMENTUM=0.9", "GRADIENT_CLIP_NORM=1.0"],
+        gpu_count=1, stage="train-heads", layers="all", epochs=2, learning_rate=0.01,
+        lr_factor=1.0, dataset_dir=data, init_dir=None, exclude=[],
+        checkpoint_root=f"{root}/shared", out_dir=f"{root}/out{task}",
+        tracking=TrackingSettings(uri=f"sqlite:///{root}/mlflow.db", experiment="workers",
+                                  pipeline_run_id="run-1"),
+        keep_last=None,
+        custom_callbacks=[Probe(), *([KillMidEpoch()] if os.environ.get("MRCNN_TEST_KILL")
+                                     else [])])
 
 
 if __name__ == "__main__":

@@ -134,39 +134,41 @@ def test_two_worker_processes_take_the_one_device_clipped_step():
 
 @pytest.mark.slow
 def test_a_worker_lost_mid_epoch_resumes_both_from_the_chiefs_last_checkpoint(tmp_path):
+    """Each worker runs the pipeline's train task (train_stage) as a TFJob pod would."""
     from trainer.data.prepare import prepare_dataset
+    from trainer.stages import tracking
     from trainer.weights.h5layout import read_arrays, read_layout
 
     def weights_of(path):
         return read_arrays(path, read_layout(path).weighted_layers)
 
-    data, shared, probes = tmp_path / "data", tmp_path / "shared", tmp_path / "probes"
-    prepare_dataset("shapes", data, count=6, image_size=64, val_fraction=0.2, shards=1,
+    data, probes = tmp_path / "data", tmp_path / "probes"
+    prepare_dataset("shapes", data, count=8, image_size=64, val_fraction=0.25, shards=1,
                     workers=1, progress=False)
     probes.mkdir()
-    args = ("worker-train", str(shared), str(data), str(probes))
+    args = ("worker-train", str(tmp_path), str(data), str(probes))
 
     # Worker 1 kills itself after the first step of epoch 2; the chief then waits for it in
     # the next all-reduce for ever, and is killed too (as a TFJob restarts all pods).
     workers = start_workers(*args, env={"MRCNN_TEST_KILL": "1"})
     try:
-        assert workers[1].wait(timeout=600) == -9
+        code = workers[1].wait(timeout=600)
+        assert code == -9, workers[1].stderr.read()[-3000:]
     finally:
         stop(workers)
-    [run] = list(shared.iterdir())
+    stage_dir = tmp_path / "shared" / "run-1" / "train-heads"
+    [run] = list(stage_dir.iterdir())
     assert sorted(p.name for p in run.glob("mask_rcnn_*")) == [
         "mask_rcnn_demo_0001.h5", "mask_rcnn_demo_0001.optimizer.npz"]  # none of epoch 2
-    checkpoint = run / "mask_rcnn_demo_0001.h5"
-    saved_weights = weights_of(checkpoint)
+    saved_weights = weights_of(run / "mask_rcnn_demo_0001.h5")
     with np.load(run / "mask_rcnn_demo_0001.optimizer.npz") as state:
         saved_state = dict(state)
 
     reports = finish(start_workers(*args))
-    for report in reports:  # both restarted from the chief's checkpoint...
-        assert report["init"] == str(checkpoint)
-        assert report["checkpoint"].endswith("mask_rcnn_demo_0002.h5")
-        assert np.isfinite(report["loss"]).all()
-    for task in (0, 1):  # ...with exactly its weights and optimizer state
+    for report in reports:
+        assert report["epoch"] == 2 and report["checkpoint"] == "mask_rcnn_demo_0002.h5"
+        assert np.isfinite(report["metrics"]["loss"])
+    for task in (0, 1):  # both restarted with exactly the checkpoint's weights and state
         restored = weights_of(probes / f"worker{task}.h5")
         assert restored.keys() == saved_weights.keys()
         for name, values in saved_weights.items():
@@ -178,9 +180,16 @@ def test_a_worker_lost_mid_epoch_resumes_both_from_the_chiefs_last_checkpoint(tm
             assert slots and any(np.abs(saved_state[k]).sum() > 0 for k in slots)
             for key in slots:
                 np.testing.assert_array_equal(state[key], saved_state[key])
-    # Only the chief wrote into the shared folder; worker 1's checkpoints went to scratch.
-    assert reports[0]["checkpoint"] == str(run / "mask_rcnn_demo_0002.h5")
-    assert not reports[1]["checkpoint"].startswith(str(shared))
-    assert [p.name for p in shared.iterdir()] == [run.name]
+    # Only the chief (worker 0) wrote: the shared run folder, its outputs, MLflow.
+    assert [p.name for p in stage_dir.iterdir()] == [run.name]
     assert sorted(p.name for p in run.glob("*.h5")) == ["mask_rcnn_demo_0001.h5",
                                                         "mask_rcnn_demo_0002.h5"]
+    assert sorted(p.name for p in (tmp_path / "out0").iterdir()) == [
+        "config.yaml", "mask_rcnn_demo_0002.h5", "summary.json"]
+    assert not (tmp_path / "out1").exists()
+    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("workers")
+    [parent] = tracking.find_parent_runs(client, experiment.experiment_id, "run-1")
+    runs = tracking.stage_runs(client, parent.info.run_id, experiment.experiment_id)
+    # One stage run per chief start: the killed one never finished.
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "RUNNING"]

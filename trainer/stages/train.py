@@ -140,12 +140,13 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
                 lr_factor: float, dataset_dir: str, init_dir: str | None,
                 exclude: Sequence[str], checkpoint_root: str, out_dir: str,
                 tracking: TrackingSettings, upstream: bool = False,
-                keep_last: int | None = PIPELINE_KEEP_LAST) -> dict:
+                keep_last: int | None = PIPELINE_KEEP_LAST,
+                custom_callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
     """The pipeline's train task. learning_rate 0 means LEARNING_RATE x lr_factor (matterport
     trains all layers at a tenth of the heads' rate). upstream: also record the fetch-weights
     and prepare-data stage runs from init_dir and dataset_dir (those tasks are cached and
-    track nothing themselves). Returns the last epoch's logs as `metrics` and the
-    checkpoint's name and epoch.
+    track nothing themselves). custom_callbacks: Keras callbacks added to training. Returns
+    the last epoch's logs as `metrics` and the checkpoint's name and epoch.
 
     Multi-worker (WORKERS > 1 in the overrides, TF_CONFIG set by the TFJob operator): every
     worker pod calls this with the same arguments; checkpoint_root must be the same shared
@@ -181,7 +182,8 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
                                exclude=loaded_exclude, layers=layers, epochs=epochs,
                                learning_rate=learning_rate, lr_factor=lr_factor,
                                model_dir=model_dir, verbose=2, keep_last=keep_last,
-                               custom_callbacks=[epoch_metrics_callback(tracker, model_dir)])
+                               custom_callbacks=[epoch_metrics_callback(tracker, model_dir),
+                                                 *custom_callbacks])
         tracker.log_tensorboard(model_dir)  # the last epoch's events, flushed now
         if not summary["checkpoint"]:
             raise UserError(f"{stage}: no checkpoint was written (epochs={epochs} is not past "
