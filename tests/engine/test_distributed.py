@@ -193,3 +193,59 @@ def test_a_worker_lost_mid_epoch_resumes_both_from_the_chiefs_last_checkpoint(tm
     runs = tracking.stage_runs(client, parent.info.run_id, experiment.experiment_id)
     # One stage run per chief start: the killed one never finished.
     assert sorted(r.info.status for r in runs) == ["FINISHED", "RUNNING"]
+
+
+# === WORKERS and TF_CONFIG ===
+
+
+def tf_config(kind: str, index: int, workers: int = 2, chief: int = 0) -> str:
+    return json.dumps({"cluster": {"chief": ["c:1"] * chief, "worker": ["w:1"] * workers},
+                       "task": {"type": kind, "index": index}})
+
+
+def test_the_chief_is_the_chief_task_or_worker_0(monkeypatch):
+    from trainer import Config
+    from trainer.engine.strategy import cluster_task, is_chief
+
+    config = Config(WORKERS=2)
+    for text, chief in ((tf_config("worker", 0), True), (tf_config("worker", 1), False),
+                        (tf_config("chief", 0, workers=1, chief=1), True),
+                        (tf_config("worker", 0, workers=1, chief=1), False)):
+        monkeypatch.setenv("TF_CONFIG", text)
+        assert is_chief(config) is chief, text
+    assert cluster_task(2) == ("worker", 0)
+    monkeypatch.setenv("TF_CONFIG", tf_config("worker", 1, workers=4))  # ignored: one worker
+    assert cluster_task(1) is None and is_chief(Config())
+
+
+@pytest.mark.parametrize("text, problem", [
+    (None, "TF_CONFIG is not set"),
+    ("{not json", "not JSON with a cluster and a task"),
+    (tf_config("worker", 0, workers=3), "its cluster has 3"),
+    (tf_config("ps", 0), "task type 'ps' trains nothing"),
+])
+def test_workers_without_a_matching_tf_config_is_a_one_line_error(monkeypatch, text, problem):
+    from trainer.engine.strategy import cluster_task
+    from trainer.errors import UserError
+
+    if text is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", text)
+    with pytest.raises(UserError, match="WORKERS=2 needs TF_CONFIG") as raised:
+        cluster_task(2)
+    assert problem in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_cli_train_with_workers_but_no_tf_config_exits_2(monkeypatch, capsys, tmp_path):
+    from trainer.cli.main import main
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    code = main(["train", "--config", "configs/demo.yaml", "--set", "WORKERS=2", "--data",
+                 str(tmp_path), "--epochs", "1"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "WORKERS=2 needs TF_CONFIG" in err
+    assert main(["train", "--config", "configs/demo.yaml", "--set", "WORKERS=0", "--data",
+                 str(tmp_path), "--epochs", "1"]) == 2
+    assert "WORKERS must be at least 1, got 0" in capsys.readouterr().err

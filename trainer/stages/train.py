@@ -20,7 +20,7 @@ import keras
 from trainer.config import Config
 from trainer.data.input import check_classes, read_dataset_info, shard_paths
 from trainer.engine.maskrcnn import MaskRCNN
-from trainer.engine.strategy import is_chief
+from trainer.engine.strategy import cluster_task, is_chief
 from trainer.engine.training import learning_rate_for, resolve_layers
 from trainer.errors import UserError
 from trainer.io.atomic import copy_atomic, write_atomic
@@ -60,6 +60,7 @@ def run_training(config: Config, data: str | Path, *, val_data: str | Path | Non
     if keep_last is not None and keep_last < 1:
         raise UserError(f"keep_last must be at least 1 (or none: keep all), got {keep_last}")
     resolve_layers(layers)
+    cluster_task(config.WORKERS)
     for folder, split in ((data, "train"), (val_data, "val")):
         if folder is None:
             continue
