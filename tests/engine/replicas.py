@@ -6,14 +6,15 @@ before TensorFlow starts, so each scenario runs in a process of its own.
                                                          2 x 1 with stock Keras clipping
     python -m tests.engine.replicas mrcnn DATA ARGS   -> JSON: Mask R-CNN loss and step norms,
                                                          GPU_COUNT=2 x 1 image vs 1 x 2
-    python -m tests.engine.replicas worker-clip       -> JSON: the `clip` steps under
-                                                         MultiWorkerMirroredStrategy (TF_CONFIG)
     python -m tests.engine.replicas worker-train ROOT DATA PROBE_DIR
                                                       -> JSON: train_stage's result, 2 epochs
                                                          on WORKERS=2, resumed from the last
                                                          checkpoint; the state it resumed with
                                                          saved to PROBE_DIR; worker 1 kills
                                                          itself mid-epoch 2 if MRCNN_TEST_KILL
+                                                         (then first: the `clip` steps under
+                                                         MultiWorkerMirroredStrategy, saved to
+                                                         PROBE_DIR/clip<task>.json)
 
 The single-process scenarios get two logical CPUs; a worker trains on its one CPU.
 """
@@ -169,7 +170,8 @@ def mrcnn_steps(model, batch: dict, weights: list, clips: tuple) -> list[dict]:
 
 def mrcnn() -> dict:
     """GPU_COUNT=2 x 1 image vs GPU_COUNT=1 x 2 images from the same weights on the same two
-    images: losses, unclipped gradient norms, and the steps clipped to 0.1."""
+    images: losses and unclipped gradient norms; and the two replicas' step clipped to 0.1
+    (compared with one device's unclipped step: the direction)."""
     from trainer import Config, MaskRCNN
     from trainer.data import shapes
     from trainer.data.memory import examples_dataset
@@ -182,24 +184,17 @@ def mrcnn() -> dict:
     batch = tf.nest.map_structure(lambda t: t.numpy(), batch)
     one_model = MaskRCNN("training", config)
     weights = one_model.keras_model.get_weights()
-    clips = (1e9, 0.1)
-    one = mrcnn_steps(one_model, batch, weights, clips)
+    [one] = mrcnn_steps(one_model, batch, weights, (1e9,))
     two = mrcnn_steps(MaskRCNN("training", config.replace(GPU_COUNT=2, IMAGES_PER_GPU=1)),
-                      batch, weights, clips)
+                      batch, weights, (1e9, 0.1))
     result = {}
-    for name, a, b in zip(("unclipped", "clipped"), two, one):
+    for name, a, b in (("unclipped", two[0], one), ("clipped", two[1], one)):
         cosine = float(a["step"] @ b["step"]
                        / (np.linalg.norm(a["step"]) * np.linalg.norm(b["step"])))
         result[name] = {"losses_two": a["losses"], "losses_one": b["losses"],
                         "norm_two": float(np.linalg.norm(a["step"])),
                         "norm_one": float(np.linalg.norm(b["step"])), "cosine": cosine}
     return result
-
-
-def worker_clip() -> dict:
-    """Under TF_CONFIG: one replica per worker process, global batch 2 (1 example each)."""
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    return {"replicas": strategy.num_replicas_in_sync, "weights": clipped_steps(strategy, 2)}
 
 
 def worker_train(root: str, data: str, probe_dir: str) -> dict:
@@ -235,6 +230,14 @@ def worker_train(root: str, data: str, probe_dir: str) -> dict:
                                  variables, weight_names(self.model, variables))
             save_weights(self.model, Path(probe_dir) / f"worker{task}.h5")
 
+    if os.environ.get("MRCNN_TEST_KILL"):  # first start: 1(a) across the two processes
+        from trainer import Config
+        from trainer.engine.strategy import distribution_strategy
+
+        strategy = distribution_strategy(Config(WORKERS=2))
+        steps = {"replicas": strategy.num_replicas_in_sync,
+                 "weights": clipped_steps(strategy, 2)}
+        (Path(probe_dir) / f"clip{task}.json").write_text(json.dumps(steps))
     keras.utils.set_random_seed(0)
     return train_stage(
         config_preset="configs/demo.yaml", config_yaml="",
@@ -256,8 +259,6 @@ if __name__ == "__main__":
         result = clip()
     elif scenario == "mrcnn":
         result = mrcnn()
-    elif scenario == "worker-clip":
-        result = worker_clip()
     elif scenario == "worker-train":
         result = worker_train(*sys.argv[2:5])
     else:
