@@ -364,13 +364,14 @@ def fit_on_several_workers(keras_model: keras.Model) -> None:
 
 def _writing_folder(model, chief: bool) -> Path:
     """Where this process writes checkpoints and TensorBoard logs: the run folder for the
-    chief; for another worker a scratch folder of the same name, deleted by nobody's code but
-    the pod's end (TensorFlow's multi-worker rule: only the chief's files are the run's)."""
-    if model.resume_from is None and chief:  # a new run: a folder of its own
+    chief (created for a new run, never a concurrent run's); for any other worker a scratch
+    folder of the same name under $TMPDIR, which goes with the pod (TensorFlow's multi-worker
+    rule: only the chief's files are the run's)."""
+    if not chief:
+        return Path(tempfile.mkdtemp(prefix="mrcnn-worker-")) / model.log_dir.name
+    if model.resume_from is None:
         model.log_dir = create_run_folder(model.model_dir, model.config.NAME)
-    if chief:
-        return model.log_dir
-    return Path(tempfile.mkdtemp(prefix="mrcnn-worker-")) / model.log_dir.name
+    return model.log_dir
 
 
 def train(model, train_data, val_data, learning_rate: float, epochs: int, layers: str,
@@ -402,7 +403,7 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
         raise UserError(f"keep_last must be at least 1 (or None: keep all), got {keep_last}")
     chief = is_chief(config)
     log_dir = _writing_folder(model, chief)
-    for leftover in remove_leftovers(log_dir, config.NAME) if chief else ():
+    for leftover in remove_leftovers(log_dir, config.NAME):
         print(f"Removed {leftover.name}, left by an interrupted checkpoint write")
     per_worker_train = train_set
     if config.WORKERS > 1:
