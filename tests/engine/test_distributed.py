@@ -246,3 +246,20 @@ def test_cli_train_with_workers_but_no_tf_config_exits_2(monkeypatch, capsys, tm
     assert main(["train", "--config", "configs/demo.yaml", "--set", "WORKERS=0", "--data",
                  str(tmp_path), "--epochs", "1"]) == 2
     assert "WORKERS must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_worker_that_is_not_the_chief_continues_the_previous_stage_without_copying(
+        tmp_path, demo_config):
+    from trainer.stages.train import resolve_init
+    from trainer.weights.h5layout import write_layout
+
+    heads = tmp_path / "heads-model"
+    write_layout(heads / "mask_rcnn_demo_0001.h5", {}, keras_version="3")
+    (heads / "summary.json").write_text(json.dumps(
+        {"log_dir": "/elsewhere/train-heads/demo20250101T1200"}))
+    model_dir = tmp_path / "train-all"
+    init, _ = resolve_init(str(heads), model_dir, demo_config, copy=False)
+    assert init == str(heads / "mask_rcnn_demo_0001.h5")  # the same weights and epoch
+    assert not model_dir.exists()  # the chief's copy is the only one
+    init, _ = resolve_init(str(heads), model_dir, demo_config)
+    assert init == str(model_dir / "demo20250101T1200" / "mask_rcnn_demo_0001.h5")

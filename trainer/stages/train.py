@@ -103,12 +103,15 @@ def _run_folder_key(pipeline_run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", pipeline_run_id) or "run"
 
 
-def resolve_init(init_dir: str | None, model_dir: Path, config: Config) -> tuple[str, str]:
+def resolve_init(init_dir: str | None, model_dir: Path, config: Config,
+                 copy: bool = True) -> tuple[str, str]:
     """What a train task starts from, and why (for the log).
 
     1. Checkpoints of this task in model_dir: a retried task resumes from the newest ("last").
     2. A previous stage's checkpoint in init_dir: copied into a run folder of model_dir, so the
-       epoch count continues and this stage's checkpoints land beside it, not in its input.
+       epoch count continues and this stage's checkpoints land beside it, not in its input
+       (copy False, for a worker that is not the chief: loaded from init_dir, the same
+       weights and epoch, nothing written).
     3. Fetched weights (init_dir/weights.h5): loaded by name. 4. Nothing: random ("none")."""
     try:
         last = checkpoints.find_last_checkpoint(model_dir, config.NAME)
@@ -119,10 +122,12 @@ def resolve_init(init_dir: str | None, model_dir: Path, config: Config) -> tuple
     if folder is not None and folder.is_dir():
         previous = checkpoints.newest_in_folder(folder)
         if previous is not None:
+            if not copy:
+                return str(previous), f"continuing the previous stage's {previous.name}"
             summary = json.loads((folder / SUMMARY_FILE).read_text())
-            copy = model_dir / Path(summary["log_dir"]).name / previous.name
-            copy_atomic(previous, copy)
-            return str(copy), f"continuing the previous stage's checkpoint {previous.name}"
+            copied = model_dir / Path(summary["log_dir"]).name / previous.name
+            copy_atomic(previous, copied)
+            return str(copied), f"continuing the previous stage's checkpoint {previous.name}"
         if (folder / WEIGHTS_FILE).is_file():
             return str(folder / WEIGHTS_FILE), "loading the fetched weights by name"
     return "none", "random initialisation"
@@ -167,7 +172,7 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
             track_fetch(tracking, pipeline_config, init_dir or "")
             track_prepare(tracking, pipeline_config, dataset_dir)
         model_dir = Path(checkpoint_root) / _run_folder_key(tracking.pipeline_run_id) / stage
-        init, why = resolve_init(init_dir, model_dir, cfg)
+        init, why = resolve_init(init_dir, model_dir, cfg, copy=chief)
         print(f"{stage}: {why}; checkpoints in {model_dir}", flush=True)
         if stage_layers(layers, init) != layers:
             layers = stage_layers(layers, init)
