@@ -365,9 +365,8 @@ def fit_on_several_workers(keras_model: keras.Model) -> None:
 def _writing_folder(model, chief: bool) -> Path:
     """Where this process writes checkpoints and TensorBoard logs (its `model.log_dir` from
     now on): the run folder for the chief (created for a new run, never a concurrent run's);
-    for any other worker a scratch
-    folder of the same name under $TMPDIR, which goes with the pod (TensorFlow's multi-worker
-    rule: only the chief's files are the run's)."""
+    for any other worker a scratch folder of the same name under $TMPDIR, which goes with the
+    pod (TensorFlow's multi-worker rule: only the chief's files are the run's)."""
     if not chief:
         model.log_dir = Path(tempfile.mkdtemp(prefix="mrcnn-worker-")) / model.log_dir.name
     elif model.resume_from is None:
