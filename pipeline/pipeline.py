@@ -1,7 +1,7 @@
 """The Mask R-CNN pipeline: wiring and resources only (the work is in `trainer.stages`).
 
                     ┌─► fetch-weights ─┐
-    resolve-config ─┤                  ├─► train-heads ─► train-all ─► evaluate
+    resolve-config ─┤                  ├─► train-heads ─► train-all ─► evaluate ─► clean-checkpoints
                     └─► prepare-data ──┘
 
 fetch-weights and prepare-data are cached and get only what decides their results (the
@@ -12,8 +12,11 @@ Training tasks request GPU_COUNT GPUs (`gpu_count`, also set as the config's GPU
 the GPU node pool (node selector pool=gpu, toleration nvidia.com/gpu=present:NoSchedule, as
 k8s/base/pipeline-config.yaml fixes them), and are retried when their pod dies (a preempted
 node): the retried task resumes from its newest checkpoint in `checkpoint_root`, a
-PersistentVolumeClaim (`checkpoint_pvc`) mounted into both training tasks. Every task reads
-MLFLOW_TRACKING_URI from the ConfigMap mask-rcnn-pipeline-config unless the
+PersistentVolumeClaim (`checkpoint_pvc`) mounted into both training tasks. Once evaluate has
+succeeded, clean-checkpoints (CPU only, the same volume) removes the run's folder from it
+(each stage's final checkpoint is its task's artifact) unless `keep_checkpoints`.
+
+Every task reads MLFLOW_TRACKING_URI from the ConfigMap mask-rcnn-pipeline-config unless the
 `mlflow_tracking_uri` parameter is set, and its MLflow user from the Secret
 mlflow-pipeline-credentials. Every task pod carries TASK_POD_LABELS, which the namespace's
 NetworkPolicies select (k8s/base/networkpolicies.yaml). Locally (`mrcnn run`, kfp.local) the
@@ -23,7 +26,14 @@ Kubernetes settings are ignored.
 # No `from __future__ import annotations`: KFP reads the parameter annotations as types.
 from kfp import dsl, kubernetes
 
-from components import evaluate, fetch_weights, prepare_data, resolve_config, train
+from components import (
+    clean_checkpoints,
+    evaluate,
+    fetch_weights,
+    prepare_data,
+    resolve_config,
+    train,
+)
 from trainer.stages.tracking import RUN_ID_ENV, WORKFLOW_ENV
 
 PIPELINE_NAME = "mask-rcnn"
@@ -34,6 +44,7 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "presen
                   "effect": "NoSchedule"}
 TRAIN_RESOURCES = {"cpu": "6", "memory": "24Gi"}
 DATA_RESOURCES = {"cpu": "2", "memory": "8Gi"}
+CLEANUP_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 TRAIN_RETRIES = 3  # preemptions survived per training task
 DEMO_CONFIG = "configs/demo.yaml"  # a preset inside the image
 # MLflow's basic-auth user of the pipeline (keys username, password), created out of band.
@@ -101,6 +112,7 @@ def mask_rcnn_pipeline(
     gpu_count: int = 1,
     checkpoint_root: str = CHECKPOINT_MOUNT,
     checkpoint_pvc: str = "mask-rcnn-checkpoints",
+    keep_checkpoints: bool = False,
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "mask-rcnn",
     registered_model_name: str = "mask-rcnn",
@@ -119,7 +131,9 @@ def mask_rcnn_pipeline(
     each stage stops at; learning rates of 0 mean LEARNING_RATE (heads) and a tenth of it (all).
     min_map: the gate on gate_key that registers the model as registered_model_name ("" = do
     not register); the new version gets the alias model_alias ("champion"), a failed gate
-    leaves the alias where it was. evaluation_limit: val images to evaluate (0 = all)."""
+    leaves the alias where it was. evaluation_limit: val images to evaluate (0 = all).
+    keep_checkpoints: keep the run's checkpoint folder on the volume after evaluate succeeds
+    (default: removed; the stages' final checkpoints stay as task artifacts)."""
     common = dict(config_preset=config_preset, config_yaml=config_yaml,
                   config_overrides=config_overrides,
                   mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment)
@@ -155,3 +169,9 @@ def mask_rcnn_pipeline(
                       dataset=data.outputs["dataset"], model=all_layers.outputs["model"],
                       **common).set_display_name("evaluate")
     _with_tracking_env(_resources(scores, **DATA_RESOURCES)).set_caching_options(False)
+
+    cleanup = clean_checkpoints(checkpoint_root=checkpoint_root,
+                                keep_checkpoints=keep_checkpoints
+                                ).set_display_name("clean-checkpoints").after(scores)
+    kubernetes.mount_pvc(cleanup, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+    _with_tracking_env(_resources(cleanup, **CLEANUP_RESOURCES)).set_caching_options(False)

@@ -66,6 +66,22 @@ def test_training_tasks_request_gpus_on_the_gpu_pool_and_retry():
     assert params["gpu_type"]["defaultValue"] == "nvidia.com/gpu"
 
 
+def test_the_run_folder_is_cleaned_after_evaluate_on_the_checkpoint_volume():
+    spec, executors = compiled_documents(submit.PACKAGE)
+    task = spec["root"]["dag"]["tasks"]["clean-checkpoints"]
+    assert task["dependentTasks"] == ["evaluate"]  # runs only once evaluate has succeeded
+    assert task["inputs"]["parameters"]["keep_checkpoints"] == {
+        "componentInputParameter": "keep_checkpoints"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["keep_checkpoints"][
+        "defaultValue"] is False
+    platform = executors["exec-clean-checkpoints"]
+    assert platform["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
+    assert "nodeSelector" not in platform  # no GPU node for a folder removal
+    resources = spec["deploymentSpec"]["executors"]["exec-clean-checkpoints"]["container"][
+        "resources"]
+    assert "accelerator" not in resources
+
+
 def test_every_task_gets_the_tracking_uri_credentials_run_key_and_pod_labels():
     spec, executors = compiled_documents(submit.PACKAGE)
     assert set(executors) == set(spec["deploymentSpec"]["executors"])  # all five task kinds
@@ -244,7 +260,7 @@ TINY = ["--set", "STEPS_PER_EPOCH=2", "--set", "VALIDATION_STEPS=1",
         "--param", "dataset_count=24", "--param", "val_fraction=0.25",
         "--param", "heads_epochs=1", "--param", "total_epochs=2",
         "--param", "evaluation_limit=4", "--param", "num_pictures=2", "--param", "min_map=0",
-        "--param", "mlflow_experiment=e2e"]
+        "--param", "mlflow_experiment=e2e", "--param", "keep_checkpoints=false"]
 LOSSES = ["loss", "rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss",
           "mrcnn_mask_loss"]
 EVALUATION = ["bbox_mAP", "bbox_mAP50", "segm_mAP", "segm_mAP50", "voc_mAP50"]
@@ -331,6 +347,10 @@ def test_the_whole_pipeline_runs_locally_and_tracks_every_stage_in_mlflow(tmp_pa
         assert np.allclose(served["boxes"], direct["boxes"], atol=0.5)
         assert np.allclose(served["scores"], direct["scores"], atol=1e-4)
         assert len(served["masks"]) == len(served["scores"])
+
+    # clean-checkpoints removed the run's folder; the final checkpoint is train-all's artifact
+    assert list((tmp_path / "work" / "checkpoints").iterdir()) == []
+    assert list((tmp_path / "work" / "kfp").glob("mask-rcnn-*/train-2/model/*_0002.h5"))
 
     # KFP's own outputs: the metrics artifact of evaluate, the reports
     [output] = (tmp_path / "work" / "kfp").glob("mask-rcnn-*/evaluate/executor_output.json")

@@ -97,8 +97,9 @@ def run_training(config: Config, data: str | Path, *, val_data: str | Path | Non
     }
 
 
-def _run_folder_key(pipeline_run_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", pipeline_run_id) or "run"
+def run_folder(checkpoint_root: str | Path, pipeline_run_id: str) -> Path:
+    """The folder of one pipeline run's checkpoints (one subfolder per stage) on the volume."""
+    return Path(checkpoint_root) / (re.sub(r"[^A-Za-z0-9_.-]", "_", pipeline_run_id) or "run")
 
 
 def resolve_init(init_dir: str | None, model_dir: Path, config: Config) -> tuple[str, str]:
@@ -151,7 +152,7 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
             track_fetch(tracking, pipeline_config, init_dir or "")
             track_prepare(tracking, pipeline_config, dataset_dir)
         cfg = pipeline_config.replace(GPU_COUNT=gpu_count)
-        model_dir = Path(checkpoint_root) / _run_folder_key(tracking.pipeline_run_id) / stage
+        model_dir = run_folder(checkpoint_root, tracking.pipeline_run_id) / stage
         init, why = resolve_init(init_dir, model_dir, cfg)
         print(f"{stage}: {why}; checkpoints in {model_dir}", flush=True)
         if stage_layers(layers, init) != layers:
