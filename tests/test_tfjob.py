@@ -275,6 +275,14 @@ def test_a_retried_task_replaces_the_tfjob_that_failed_before(tmp_path):
     assert methods == ["GET", "DELETE", "GET", "POST", "GET", "GET", "DELETE"]
 
 
+def test_a_bad_config_stops_the_launcher_before_any_job(tmp_path):
+    with fake_kubernetes() as fake:
+        fake.claims["mask-rcnn-checkpoints-rwx"] = ["ReadWriteMany"]
+        with pytest.raises(UserError, match="STEPS_PER_EPOK"):
+            launch(stage(tmp_path, overrides=["STEPS_PER_EPOK=10"]), fake, tmp_path / "m", [])
+        assert fake.requests == []
+
+
 def test_a_claim_that_is_not_read_write_many_stops_the_launcher_before_any_job(tmp_path):
     with fake_kubernetes() as fake:
         fake.claims["mask-rcnn-checkpoints-rwx"] = ["ReadWriteOnce"]

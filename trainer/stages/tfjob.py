@@ -35,6 +35,7 @@ from pathlib import Path
 
 from trainer.errors import ClusterError, UserError
 from trainer.io.atomic import copy_atomic
+from trainer.stages.inputs import stage_config
 from trainer.stages.tracking import RUN_ID_ENV, RUN_NAME_ENV, TrackingSettings
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "tfjobs", "TFJob"
@@ -419,6 +420,9 @@ def run_tfjob_stage(job: TFJobStage, out_dir: str, api: TFJobApi, *,
     """Creates (or adopts, on a retry) the stage's TFJob, watches it to its end, deletes it,
     and returns the chief's result. Raises ClusterError when the job fails."""
     check_stage(job)
+    # A bad config fails here, not in every pod after the GPUs were scheduled. (WORKERS, which
+    # the pods add, is the multi-worker training code's key: checked by the pods.)
+    stage_config(job.config_preset, job.config_yaml, job.overrides)
     check_claim(api, job.pods.pvc)
     name = job_name(job.tracking.pipeline_run_id, job.stage)
     existing = api.get(name)
