@@ -8,7 +8,8 @@ Routes: TFJobs (kubeflow.org/v1) create (201; 409 AlreadyExists), get (200; 404)
 (200; 404), and one PersistentVolumeClaim read. Each GET of a job applies the next step of
 `script` (a list of condition lists) to its status, as the training operator would between two
 polls; `on_step(index, job)` may act on the side (write the chief's outputs). Requests without
-the bearer token get 401. `fail_create` makes the next create answer that HTTP status.
+the bearer token get 401. `fail_create` makes the next create answer that HTTP status,
+`unavailable_gets` the next job reads 503.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class FakeKubernetes:
     on_step: Callable[[int, dict], None] | None = None
     claims: dict[str, list[str]] = field(default_factory=dict)
     fail_create: int = 0
+    unavailable_gets: int = 0  # the next GETs of a TFJob answer 503
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def advance(self, name: str) -> dict:
@@ -108,6 +110,9 @@ def _handler(api: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
                 if name is None or name not in api.jobs:
                     return self.status(404, "NotFound", f'tfjobs.kubeflow.org "{name}" not '
                                        "found")
+                if method == "GET" and api.unavailable_gets:
+                    api.unavailable_gets -= 1
+                    return self.status(503, "ServiceUnavailable", "etcd leader changed")
                 if method == "GET":
                     return self.reply(200, api.advance(name))
                 if method == "DELETE":

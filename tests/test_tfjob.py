@@ -305,6 +305,25 @@ def test_api_refusals_are_one_line_errors_naming_the_role(tmp_path):
             api.get("x")
 
 
+def test_the_watch_rides_out_a_restarting_api_server_but_not_forever(tmp_path):
+    job = stage(tmp_path)
+    log: list[str] = []
+    with fake_kubernetes() as fake:
+        fake.claims["mask-rcnn-checkpoints-rwx"] = ["ReadWriteMany"]
+        fake.script = [[CREATED, RUNNING], [CREATED, RUNNING, SUCCEEDED]]
+        fake.on_step = lambda step, _: step == 1 and write_chief_outputs(job)
+        api = api_for(fake)
+        api.create(manifest_of(job))
+        name = manifest_of(job)["metadata"]["name"]
+        fake.unavailable_gets = 3
+        assert tfjob.watch(api, name, poll_seconds=0, log=log.append,
+                           sleep=lambda _: None)[0] == "Succeeded"
+        assert sum("HTTP 503" in line for line in log) == 3
+        fake.unavailable_gets = tfjob.WATCH_FAILURES + 1
+        with pytest.raises(ClusterError, match="HTTP 503"):
+            tfjob.watch(api, name, poll_seconds=0, log=log.append, sleep=lambda _: None)
+
+
 def test_a_job_deleted_while_watched_fails_the_task(tmp_path):
     job = stage(tmp_path)
     with fake_kubernetes() as fake:

@@ -52,6 +52,7 @@ RUN_ANNOTATION = "mask-rcnn.pipeline/run"
 # a preempted node's SIGTERM) and fail the job on any other (a UserError exits 2).
 RESTART_POLICY = "ExitCode"
 BACKOFF_LIMIT = 6  # pod restarts of a job before it fails
+WATCH_FAILURES = 8  # consecutive failed polls (5xx, unreachable) a watch rides out
 TTL_SECONDS = 24 * 3600  # a finished job the launcher never deleted (it died) goes after a day
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 SERVICE_ACCOUNT_ENV = "MRCNN_SERVICE_ACCOUNT"  # the launcher pod's spec.serviceAccountName
@@ -325,17 +326,30 @@ def describe(condition: dict) -> str:
         text += f" ({condition['reason']})"
     if condition.get("message"):
         text += f": {condition['message']}"
-    return text
+    return " ".join(text.split())  # one line, whatever the operator wrote
 
 
 def watch(api: TFJobApi, name: str, *, poll_seconds: float = 15.0,
-          log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
+          log: Callable[[str], None] = print,
           sleep: Callable[[float], None] = time.sleep) -> tuple[str, dict]:
     """Polls the TFJob until it succeeds or fails, logging each new condition once. A job
     that disappears (deleted by someone else) is an error."""
     seen: set[tuple] = set()
+    failures = 0
     while True:
-        job = api.get(name)
+        try:
+            job = api.get(name)
+            failures = 0
+        except ClusterError as err:
+            # An API server restarting (a control-plane upgrade) answers 5xx or nothing for a
+            # while: keep watching; anything else, or too long, fails the task (its retry
+            # adopts the job).
+            failures += 1
+            if getattr(err, "status", 500) < 500 or failures > WATCH_FAILURES:
+                raise
+            log(f"TFJob {name}: {err} (attempt {failures} of {WATCH_FAILURES}; watching on)")
+            sleep(poll_seconds)
+            continue
         if job is None:
             raise ClusterError(f"TFJob {name} was deleted while the launcher watched it")
         for condition in conditions(job):
