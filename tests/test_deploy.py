@@ -406,14 +406,17 @@ def test_tracking_uri_reaches_the_mlflow_service(overlays, overlay):
     assert service["metadata"]["namespace"] == service_namespace
     assert uri.port in {port["port"] for port in service["spec"]["ports"]}
 
-    # The pods behind it admit that port from the pipeline's task pods (a same-namespace peer).
+    # The pods behind it admit that port from the pipeline's task pods and TFJob pods (the
+    # chief records its stage; same-namespace peers).
     ingress = the_object(objects, "NetworkPolicy", "mlflow-ingress-from-pipeline-pods")["spec"]
     assert ingress["podSelector"]["matchLabels"].items() <= service["spec"]["selector"].items()
     assert ingress["ingress"] == [
-        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mask-rcnn-task"}}}],
+        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mask-rcnn-task"}}},
+                  {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mask-rcnn-tfjob"}}}],
          "ports": [{"protocol": "TCP", "port": uri.port}]}
     ]
     assert selects(ingress["ingress"][0]["from"][0]["podSelector"], task_pod_labels())
+    assert selects(ingress["ingress"][0]["from"][1]["podSelector"], tfjob.POD_LABELS)
 
 
 # === Network policies ===
