@@ -383,3 +383,39 @@ def test_the_pod_entrypoint_fails_bad_input_with_exit_code_2(capsys, monkeypatch
     assert tfjob_pod.replica("") == ("chief", 0)
     with pytest.raises(UserError, match="TF_CONFIG"):
         tfjob_pod.replica('{"task": {}}')
+
+
+def test_the_component_entry_builds_the_stage_from_the_task_and_its_pod(tmp_path, monkeypatch):
+    """launch_training, what components/train_tfjob.py calls: gs:// datasets stay in place, the
+    pods get the launcher's ServiceAccount and run id, the checkpoint root must be on the claim."""
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "weights.h5").write_bytes(b"w")
+    monkeypatch.setenv(RUN_ID_ENV, RUN_ID)
+    monkeypatch.setenv(tfjob.SERVICE_ACCOUNT_ENV, "mask-rcnn-pipeline")
+    arguments = dict(
+        stage="train-heads", workers=3, config_preset="configs/coco.yaml", config_yaml="",
+        overrides=[], gpu_count=2, gpu_resource="nvidia.com/gpu", layers="heads", epochs=1,
+        learning_rate=0.0, lr_factor=1.0, dataset_path="/gcs/bucket/kfp/dataset",
+        dataset_uri="gs://bucket/kfp/dataset", init_dir=str(tmp_path / "weights"), exclude=[],
+        checkpoint_root=str(tmp_path / "claim" / "runs"), checkpoint_pvc="shared",
+        checkpoint_mount=str(tmp_path / "claim"), upstream=True, mlflow_tracking_uri="",
+        mlflow_experiment="", pod_resources={"cpu": "6", "memory": "24Gi"},
+        node_selector={"pool": "gpu"}, toleration={"key": "nvidia.com/gpu", "operator": "Exists"},
+        image="trainer:test", out_dir=str(tmp_path / "model"))
+    with fake_kubernetes() as fake:
+        fake.claims["shared"] = ["ReadWriteMany"]
+        fake.script = [[CREATED, FAILED]]
+        monkeypatch.setattr(tfjob.TFJobApi, "in_cluster", classmethod(lambda cls: api_for(fake)))
+        with pytest.raises(ClusterError, match="TFJobFailed"):
+            tfjob.launch_training(**arguments)
+        with pytest.raises(UserError, match="not on the checkpoint claim"):
+            tfjob.launch_training(**{**arguments, "checkpoint_root": "/elsewhere"})
+    [created] = fake.created
+    assert {k: v["replicas"] for k, v in created["spec"]["tfReplicaSpecs"].items()} == {
+        "Chief": 1, "Worker": 2}
+    pod = created["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "mask-rcnn-pipeline"
+    [container] = pod["containers"]
+    assert json.loads(container["args"][0])["dataset_dir"] == "gs://bucket/kfp/dataset"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert {e["name"]: e.get("value") for e in container["env"]}[RUN_ID_ENV] == RUN_ID
