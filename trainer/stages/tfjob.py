@@ -30,7 +30,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import ClusterError, UserError
@@ -103,7 +103,6 @@ class TFJobStage:
     upstream: bool
     tracking: TrackingSettings
     pods: PodSettings
-    extra_env: Mapping[str, str] = field(default_factory=dict)
 
 
 def job_name(pipeline_run_id: str, stage: str) -> str:
@@ -160,7 +159,6 @@ def _env(job: TFJobStage) -> list[dict]:
     env.append({"name": RUN_ID_ENV, "value": job.tracking.pipeline_run_id})
     if job.tracking.run_name:
         env.append({"name": RUN_NAME_ENV, "value": job.tracking.run_name})
-    env += [{"name": k, "value": v} for k, v in sorted(job.extra_env.items())]
     return env
 
 
