@@ -324,6 +324,29 @@ def test_the_watch_rides_out_a_restarting_api_server_but_not_forever(tmp_path):
             tfjob.watch(api, name, poll_seconds=0, log=log.append, sleep=lambda _: None)
 
 
+def test_a_stopped_launcher_deletes_its_job_so_no_gpu_trains_for_a_cancelled_run(tmp_path):
+    import os
+    import signal
+
+    job = stage(tmp_path)
+    polls = []
+
+    def sleep(_):  # the second poll's wait: KFP terminates the run (SIGTERM to the pod)
+        polls.append(1)
+        if len(polls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with fake_kubernetes() as fake:
+        fake.claims["mask-rcnn-checkpoints-rwx"] = ["ReadWriteMany"]
+        fake.script = [[CREATED], [CREATED, RUNNING], [CREATED, RUNNING]]
+        with pytest.raises(tfjob.TaskStopped), tfjob.sigterm_stops_the_task():
+            tfjob.run_tfjob_stage(job, str(tmp_path / "model"), api_for(fake), poll_seconds=0,
+                                  log=lambda _: None, sleep=sleep)
+        assert fake.requests[-1][0] == "DELETE" and fake.jobs == {}
+    assert signal.getsignal(signal.SIGTERM) == before  # restored
+
+
 def test_a_job_deleted_while_watched_fails_the_task(tmp_path):
     job = stage(tmp_path)
     with fake_kubernetes() as fake:

@@ -18,18 +18,21 @@ The job's name comes from the pipeline run and the stage, so a retried launcher 
 it created: running or succeeded, it watches (adopts) it; failed, it deletes and recreates it,
 and the new pods resume from the stage's newest checkpoint like a retried single-pod task.
 The launcher polls the job and prints each new condition; on Succeeded or Failed it deletes
-the job (and so its pods). It never touches a job it did not name.
+the job (and so its pods), and on SIGTERM too (a terminated run; an evicted launcher's retry
+recreates the job). It never touches a job it did not name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,6 +300,24 @@ class TFJobApi:
         return list(found.spec.access_modes or [])
 
 
+class TaskStopped(Exception):
+    """The launcher's pod got SIGTERM: the run was terminated, or the pod evicted."""
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_task() -> Iterator[None]:
+    """SIGTERM raises TaskStopped in the block (where the launcher deletes its job: a
+    terminated run must not leave GPUs training); the previous handler comes back after."""
+    def stop(signum, frame):
+        raise TaskStopped(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _ApiError(ClusterError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -454,7 +475,14 @@ def run_tfjob_stage(job: TFJobStage, out_dir: str, api: TFJobApi, *,
             f"logs -f {name}-chief-0")
     else:
         log(f"TFJob {name}: found from an earlier attempt of this task: watching it")
-    state, condition = watch(api, name, poll_seconds=poll_seconds, log=log, sleep=sleep)
+    try:
+        state, condition = watch(api, name, poll_seconds=poll_seconds, log=log, sleep=sleep)
+    except TaskStopped:
+        # A cancelled run stops its GPUs too. An evicted launcher pod loses the epoch in
+        # progress: its retry creates the job again, which resumes from the newest checkpoint.
+        log(f"TFJob {name}: the task was stopped: deleting the job")
+        api.delete(name)
+        raise
     if state == "Failed":
         api.delete(name)
         raise ClusterError(f"TFJob {name} failed: {describe(condition)} (pod logs: kubectl "
@@ -493,4 +521,5 @@ def launch_training(*, stage: str, workers: int, config_preset: str, config_yaml
                          pvc=checkpoint_pvc, mount_path=checkpoint_mount,
                          service_account=os.environ.get(SERVICE_ACCOUNT_ENV, "")))
     check_stage(job)
-    return run_tfjob_stage(job, out_dir, TFJobApi.in_cluster())
+    with sigterm_stops_the_task():
+        return run_tfjob_stage(job, out_dir, TFJobApi.in_cluster())
