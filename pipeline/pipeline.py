@@ -123,11 +123,13 @@ def _tfjob_stage(gpu_type, gpu_count, checkpoint_pvc, workers, **stage) -> dsl.P
     return _with_tracking_env(task.set_caching_options(False))
 
 
-def _train_chain(stage_task, data, weights, common, gpu_type, gpu_count, checkpoint_root,
-                 checkpoint_pvc, workers, heads_epochs, heads_learning_rate, total_epochs,
-                 all_learning_rate, weights_exclude, evaluation_limit, min_map, gate_key,
-                 num_pictures, registered_model_name, model_alias) -> None:
-    """train-heads -> train-all -> evaluate, the training stages made by `stage_task`."""
+def _train_chain(stage_task, *, data, weights, common, gpu_type, gpu_count, workers,
+                 checkpoint_root, checkpoint_pvc, heads_epochs, heads_learning_rate,
+                 total_epochs, all_learning_rate, weights_exclude, evaluation_limit, min_map,
+                 gate_key, num_pictures, registered_model_name, model_alias) -> None:
+    """train-heads -> train-all -> evaluate, the training stages made by `stage_task`. Tasks
+    that follow evaluate belong here too: outside the dsl.If/dsl.Else a task cannot depend on
+    one inside it (without dsl.OneOf, which kfp.local cannot run)."""
     place = dict(gpu_type=gpu_type, gpu_count=gpu_count, checkpoint_pvc=checkpoint_pvc,
                  workers=workers, checkpoint_root=checkpoint_root,
                  dataset=data.outputs["dataset"], **common)
@@ -205,15 +207,17 @@ def mask_rcnn_pipeline(
     for task in (inputs, weights, data):
         _with_tracking_env(_resources(task, **DATA_RESOURCES)).set_caching_options(True)
 
+    # train-heads -> train-all -> evaluate, as one GPU task per stage or as TFJobs (README,
+    # "Training on several GPU nodes"): a branch each, see the module's docstring.
+    chain = dict(data=data, weights=weights, common=common, gpu_type=gpu_type,
+                 gpu_count=gpu_count, workers=workers, checkpoint_root=checkpoint_root,
+                 checkpoint_pvc=checkpoint_pvc, heads_epochs=heads_epochs,
+                 heads_learning_rate=heads_learning_rate, total_epochs=total_epochs,
+                 all_learning_rate=all_learning_rate, weights_exclude=weights_exclude,
+                 evaluation_limit=evaluation_limit, min_map=min_map, gate_key=gate_key,
+                 num_pictures=num_pictures, registered_model_name=registered_model_name,
+                 model_alias=model_alias)
     with dsl.If(workers == 1, name="single-pod-training"):
-        _train_chain(_single_pod_stage, data, weights, common, gpu_type, gpu_count,
-                     checkpoint_root, checkpoint_pvc, workers, heads_epochs,
-                     heads_learning_rate, total_epochs, all_learning_rate, weights_exclude,
-                     evaluation_limit, min_map, gate_key, num_pictures, registered_model_name,
-                     model_alias)
+        _train_chain(_single_pod_stage, **chain)
     with dsl.Else(name="tfjob-training"):
-        _train_chain(_tfjob_stage, data, weights, common, gpu_type, gpu_count,
-                     checkpoint_root, checkpoint_pvc, workers, heads_epochs,
-                     heads_learning_rate, total_epochs, all_learning_rate, weights_exclude,
-                     evaluation_limit, min_map, gate_key, num_pictures, registered_model_name,
-                     model_alias)
+        _train_chain(_tfjob_stage, **chain)
