@@ -438,3 +438,4 @@ def test_the_tfjob_launcher_finds_the_run_folder_train_stage_writes_to():
 
     for run_id in ("8f2c-1d3e", "workflow-mask-rcnn-x7k2p", "a/b c", ""):
         assert tfjob.run_folder_key(run_id) == train_module._run_folder_key(run_id)
+    assert tfjob.SUMMARY_FILE == train_module.SUMMARY_FILE  # what the launcher collects

@@ -1,8 +1,9 @@
 """A training stage on several GPU nodes: a Kubeflow `TFJob` (kubeflow.org/v1, the training
 operator) that this launcher creates, watches and deletes through the Kubernetes API.
 
-    result = run_tfjob_stage(TFJobStage(...), api=TFJobApi.in_cluster())
-    # -> {"metrics", "checkpoint", "epoch"}, as trainer.stages.train.train_stage returns
+    result = run_tfjob_stage(TFJobStage(...), out_dir, TFJobApi.in_cluster())
+    # -> {"metrics", "checkpoint", "epoch"}, as trainer.stages.train.train_stage returns;
+    # out_dir gets the chief's final checkpoint, config.yaml and summary.json
 
 The TFJob has one chief and workers-1 workers, each a pod of the pipeline's image on the GPU
 pool that runs `python -m trainer.stages.tfjob_pod ARGS_JSON` (tfjob_pod.py: train_stage with
