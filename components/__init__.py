@@ -8,6 +8,7 @@ from components.fetch_weights import fetch_weights
 from components.prepare_data import prepare_data
 from components.resolve_config import resolve_config
 from components.train import train
+from components.train_tfjob import train_tfjob
 
 __all__ = ["clean_checkpoints", "evaluate", "fetch_weights", "prepare_data", "resolve_config",
-           "train"]
+           "train", "train_tfjob"]

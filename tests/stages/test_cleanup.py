@@ -1,8 +1,7 @@
 """clean-checkpoints: the run's folder goes once evaluate has succeeded, and nothing else."""
 
 from trainer.stages.cleanup import clean_checkpoints_stage
-from trainer.stages.tracking import TrackingSettings
-from trainer.stages.train import run_folder
+from trainer.stages.tracking import TrackingSettings, run_folder
 
 
 def fill(folder, files):

@@ -10,8 +10,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from trainer.stages.tracking import TrackingSettings
-from trainer.stages.train import run_folder
+from trainer.stages.tracking import TrackingSettings, run_folder
 
 # A folder being removed is first renamed to this, so a task killed halfway leaves nothing
 # that looks like a run's checkpoints; the next cleanup removes such leftovers.

@@ -11,7 +11,6 @@ resumes from the newest one exactly.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +25,12 @@ from trainer.io.atomic import copy_atomic, write_atomic
 from trainer.stages.fetch import WEIGHTS_FILE, track_fetch
 from trainer.stages.inputs import stage_config
 from trainer.stages.prepare import track_prepare
-from trainer.stages.tracking import StageTracker, TrackingSettings, epoch_metrics_callback
+from trainer.stages.tracking import (
+    StageTracker,
+    TrackingSettings,
+    epoch_metrics_callback,
+    run_folder,
+)
 from trainer.weights import checkpoints
 from trainer.weights.h5layout import read_layout
 
@@ -95,11 +99,6 @@ def run_training(config: Config, data: str | Path, *, val_data: str | Path | Non
         "history": {k: [float(v) for v in values]
                     for k, values in (history.history if history else {}).items()},
     }
-
-
-def run_folder(checkpoint_root: str | Path, pipeline_run_id: str) -> Path:
-    """The folder of one pipeline run's checkpoints (one subfolder per stage) on the volume."""
-    return Path(checkpoint_root) / (re.sub(r"[^A-Za-z0-9_.-]", "_", pipeline_run_id) or "run")
 
 
 def resolve_init(init_dir: str | None, model_dir: Path, config: Config) -> tuple[str, str]:
