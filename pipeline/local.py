@@ -47,6 +47,9 @@ LOCAL_DEFAULTS = {
     "min_map": 0.3,
     "gate_key": "segm_mAP50",
     "evaluation_limit": 0,
+    # On a laptop the checkpoints stay (runs/local/checkpoints: `mrcnn export --weights last`,
+    # resuming by hand); `--param keep_checkpoints=false` removes them as a cluster run does.
+    "keep_checkpoints": True,
 }
 
 

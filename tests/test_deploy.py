@@ -31,6 +31,7 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate_utils
 
 from tests.servers import mlflow_server
+from trainer.stages import tfjob  # no TensorFlow behind it
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -405,14 +406,17 @@ def test_tracking_uri_reaches_the_mlflow_service(overlays, overlay):
     assert service["metadata"]["namespace"] == service_namespace
     assert uri.port in {port["port"] for port in service["spec"]["ports"]}
 
-    # The pods behind it admit that port from the pipeline's task pods (a same-namespace peer).
+    # The pods behind it admit that port from the pipeline's task pods and TFJob pods (the
+    # chief records its stage; same-namespace peers).
     ingress = the_object(objects, "NetworkPolicy", "mlflow-ingress-from-pipeline-pods")["spec"]
     assert ingress["podSelector"]["matchLabels"].items() <= service["spec"]["selector"].items()
     assert ingress["ingress"] == [
-        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mask-rcnn-task"}}}],
+        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mask-rcnn-task"}}},
+                  {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mask-rcnn-tfjob"}}}],
          "ports": [{"protocol": "TCP", "port": uri.port}]}
     ]
     assert selects(ingress["ingress"][0]["from"][0]["podSelector"], task_pod_labels())
+    assert selects(ingress["ingress"][0]["from"][1]["podSelector"], tfjob.POD_LABELS)
 
 
 # === Network policies ===
@@ -429,8 +433,10 @@ def task_pod_labels() -> dict[str, str]:
 
 
 def workload_pods(objects: list[dict]) -> dict[str, dict[str, str]]:
-    """Every pod we run, by a name, with its labels: pod templates and the pipeline's tasks."""
-    pods = {"pipeline task": task_pod_labels()}
+    """Every pod we run, by a name, with its labels: pod templates, the pipeline's tasks (the
+    TFJob launcher among them) and the pods of the TFJobs it creates (workers > 1)."""
+    pods = {"pipeline task": task_pod_labels(),
+            "TFJob pod": {**tfjob.POD_LABELS, tfjob.STAGE_LABEL: "train-all"}}
     for obj in objects:
         path = POD_SPEC_PATHS.get(obj["kind"])
         if path is not None:
@@ -518,7 +524,7 @@ KFP = "ns:kubernetes.io/metadata.name=kubeflow/pods:"
 def test_every_pod_we_run_is_under_a_default_deny(overlays, overlay):
     objects = overlays[overlay]
     assert set(workload_pods(objects)) == {
-        "pipeline task", "Deployment/mlflow", "CronJob/mask-rcnn-retrain"}
+        "pipeline task", "TFJob pod", "Deployment/mlflow", "CronJob/mask-rcnn-retrain"}
     assert pods_without_default_deny(objects) == []
 
     unlabelled = copy.deepcopy(objects)
@@ -529,21 +535,22 @@ def test_every_pod_we_run_is_under_a_default_deny(overlays, overlay):
                       if obj["metadata"]["name"] != "default-deny-mask-rcnn-workloads"]
     namespace_wide.append({"kind": "NetworkPolicy", "metadata": {"name": "all"}, "spec": {
         "podSelector": {}, "policyTypes": ["Ingress", "Egress"]}})
-    assert len(pods_without_default_deny(namespace_wide)) == 3
+    assert len(pods_without_default_deny(namespace_wide)) == 4
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_each_workload_gets_exactly_its_flows(overlays, overlay):
     objects = overlays[overlay]
     pods = workload_pods(objects)
-    mlflow, task, retrain = (pods["Deployment/mlflow"], pods["pipeline task"],
-                             pods["CronJob/mask-rcnn-retrain"])
+    mlflow, task, retrain, worker = (pods["Deployment/mlflow"], pods["pipeline task"],
+                                     pods["CronJob/mask-rcnn-retrain"], pods["TFJob pod"])
     pghost = next(obj for obj in objects_of(objects, "ConfigMap")
                   if obj["metadata"]["name"].startswith("mlflow-server"))["data"]["PGHOST"]
     kfp_port = urlsplit(the_object(objects, "ConfigMap", PIPELINE_CONFIG)["data"]["KFP_HOST"]).port
 
     assert flows(objects, mlflow, "Ingress") == {
-        ("pods:app.kubernetes.io/name=mask-rcnn-task", "TCP/5000")}
+        ("pods:app.kubernetes.io/name=mask-rcnn-task", "TCP/5000"),
+        ("pods:app.kubernetes.io/name=mask-rcnn-tfjob", "TCP/5000")}
     # MLflow reaches its database, Google APIs' private VIPs and nothing else
     assert flows(objects, mlflow, "Egress") == DNS | GKE_METADATA | {
         (f"ip:{pghost}/32", "TCP/5432"),
@@ -553,10 +560,15 @@ def test_each_workload_gets_exactly_its_flows(overlays, overlay):
         ("pods:app.kubernetes.io/name=mlflow", "TCP/5000"),
         (f"{KFP}component=metadata-grpc-server", "TCP/8080"),
         (f"{KFP}app=ml-pipeline", "TCP/8887"), (f"{KFP}app=ml-pipeline", "TCP/8888"),
-        ("any", "TCP/443")}
+        ("any", "TCP/443")}  # the TFJob launcher's Kubernetes API server among them
     assert flows(objects, retrain, "Ingress") == set()
     assert flows(objects, retrain, "Egress") == DNS | {(f"{KFP}app=ml-pipeline",
                                                         f"TCP/{kfp_port}")}
+    # TFJob pods: each other on the operator's port 2222 (TensorFlow's collectives), MLflow
+    tfjob_peers = ("pods:app.kubernetes.io/name=mask-rcnn-tfjob", f"TCP/{tfjob.PORT}")
+    assert flows(objects, worker, "Ingress") == {tfjob_peers}
+    assert flows(objects, worker, "Egress") == DNS | GKE_METADATA | {
+        tfjob_peers, ("pods:app.kubernetes.io/name=mlflow", "TCP/5000"), ("any", "TCP/443")}
 
     # a rule without a destination is "any address": it shows, and the check above fails
     loose = copy.deepcopy(objects)
@@ -617,9 +629,36 @@ def test_pipeline_role_is_what_kfp_task_pods_need_and_no_more(overlays):
              "verbs": ["create", "patch"]},
         ]
         assert [obj["metadata"]["name"] for obj in objects_of(objects, "Role")] == [
-            "mask-rcnn-pipeline-runner"]
+            "mask-rcnn-pipeline-runner", "mask-rcnn-tfjob-launcher"]
         assert objects_of(objects, "ClusterRole") == objects_of(objects, "ClusterRoleBinding") == []
     assert rules_without_a_comment((K8S / "base" / "pipeline-rbac.yaml").read_text()) == []
+
+
+def test_tfjob_launcher_role_is_its_tfjobs_and_a_claim_read_bound_to_the_run_account(overlays):
+    for objects in overlays.values():
+        role = the_object(objects, "Role", "mask-rcnn-tfjob-launcher")
+        assert role_problems(role) == []
+        assert role["rules"] == [
+            # create, poll and delete the stage's TFJob: no list, watch, patch or update
+            {"apiGroups": ["kubeflow.org"], "resources": ["tfjobs"],
+             "verbs": ["create", "get", "delete"]},
+            # the shared checkpoint claim's access modes, that claim only
+            {"apiGroups": [""], "resources": ["persistentvolumeclaims"],
+             "resourceNames": ["mask-rcnn-checkpoints-shared"], "verbs": ["get"]},
+        ]
+        binding = the_object(objects, "RoleBinding", "mask-rcnn-tfjob-launcher")
+        namespace = the_object(objects, "Role", "mask-rcnn-tfjob-launcher")["metadata"][
+            "namespace"]
+        # KFP runs every task of a run as the run's account: the launcher is one of them
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mask-rcnn-pipeline",
+                                        "namespace": namespace}]
+        assert binding["roleRef"]["name"] == "mask-rcnn-tfjob-launcher"
+        # the claim it may read is the ReadWriteMany one the TFJob's pods share
+        claim = the_object(objects, "PersistentVolumeClaim", "mask-rcnn-checkpoints-shared")
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert the_object(objects, "PersistentVolumeClaim", "mask-rcnn-checkpoints")["spec"][
+            "accessModes"] == ["ReadWriteOnce"]  # the single-pod claim is unchanged
+    assert rules_without_a_comment((K8S / "base" / "tfjob-rbac.yaml").read_text()) == []
 
 
 def test_role_check_reports_each_kind_of_overreach():

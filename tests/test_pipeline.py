@@ -24,12 +24,21 @@ ROOT = Path(__file__).resolve().parents[1]
 MRCNN = [sys.executable, "-m", "trainer.cli"]
 STAGES = ["fetch-weights", "prepare-data", "train-heads", "train-all", "evaluate"]
 TRAIN_TASKS = ("exec-train", "exec-train-2")  # the train component, used twice
+LAUNCHER_TASKS = ("exec-train-tfjob", "exec-train-tfjob-2")  # workers > 1: train_tfjob, twice
 
 
 def compiled_documents(path: Path) -> tuple[dict, dict]:
     """(pipeline spec, Kubernetes platform spec) of a compiled package."""
     spec, platform = yaml.safe_load_all(path.read_text())
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def all_tasks(spec: dict) -> dict:
+    """Every task of the package by name: the root DAG's and those inside condition groups."""
+    found = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        found.update(component.get("dag", {}).get("tasks", {}))
+    return found
 
 
 # === The compiled package ===
@@ -44,7 +53,7 @@ def test_the_committed_package_is_the_compiled_pipeline(tmp_path):
 def test_training_tasks_request_gpus_on_the_gpu_pool_and_retry():
     spec, executors = compiled_documents(submit.PACKAGE)
     containers = spec["deploymentSpec"]["executors"]
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = all_tasks(spec)
     for name in TRAIN_TASKS:
         resources = containers[name]["container"]["resources"]
         assert resources["accelerator"] == {
@@ -66,6 +75,27 @@ def test_training_tasks_request_gpus_on_the_gpu_pool_and_retry():
     assert params["gpu_type"]["defaultValue"] == "nvidia.com/gpu"
 
 
+def test_the_run_folder_is_cleaned_after_evaluate_on_the_checkpoint_volume():
+    spec, executors = compiled_documents(submit.PACKAGE)
+    tasks = all_tasks(spec)
+    assert spec["root"]["inputDefinitions"]["parameters"]["keep_checkpoints"][
+        "defaultValue"] is False
+    for name, evaluate in (("clean-checkpoints", "evaluate"),  # workers == 1, then TFJobs
+                           ("clean-checkpoints-2", "evaluate-2")):
+        task = tasks[name]
+        assert task["dependentTasks"] == [evaluate]  # runs only once evaluate has succeeded
+        assert task["inputs"]["parameters"]["keep_checkpoints"] == {
+            "componentInputParameter": "pipelinechannel--keep_checkpoints"}
+        platform = executors[f"exec-{name}"]
+        assert platform["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
+        assert platform["pvcMount"][0]["componentInputParameter"] == \
+            "pipelinechannel--checkpoint_pvc"
+        assert "nodeSelector" not in platform  # no GPU node for a folder removal
+        resources = spec["deploymentSpec"]["executors"][f"exec-{name}"]["container"][
+            "resources"]
+        assert "accelerator" not in resources
+
+
 def test_every_task_gets_the_tracking_uri_credentials_run_key_and_pod_labels():
     spec, executors = compiled_documents(submit.PACKAGE)
     assert set(executors) == set(spec["deploymentSpec"]["executors"])  # all five task kinds
@@ -82,7 +112,12 @@ def test_every_task_gets_the_tracking_uri_credentials_run_key_and_pod_labels():
             {"secretKey": "username", "envVar": "MLFLOW_TRACKING_USERNAME"},
             {"secretKey": "password", "envVar": "MLFLOW_TRACKING_PASSWORD"}]
         # the run id, and the workflow's name that keys the run when the run id label is missing
-        assert platform["fieldPathAsEnv"] == [
+        # (the TFJob launcher also reads its ServiceAccount's name, for the job's pods)
+        fields = platform["fieldPathAsEnv"]
+        if name in LAUNCHER_TASKS:
+            assert fields.pop(0) == {"fieldPath": "spec.serviceAccountName",
+                                     "name": "MRCNN_SERVICE_ACCOUNT"}
+        assert fields == [
             {"fieldPath": "metadata.labels['pipeline/runid']", "name": "MRCNN_PIPELINE_RUN_ID"},
             {"fieldPath": "metadata.labels['workflows.argoproj.io/workflow']",
              "name": "MRCNN_PIPELINE_WORKFLOW"}]
@@ -90,6 +125,55 @@ def test_every_task_gets_the_tracking_uri_credentials_run_key_and_pod_labels():
         assert platform["podMetadata"]["labels"] == {
             "app.kubernetes.io/part-of": "mask-rcnn-pipeline",
             "app.kubernetes.io/name": "mask-rcnn-task"}
+
+
+def test_workers_chooses_the_single_pod_gpu_tasks_or_the_cpu_only_tfjob_launchers():
+    spec, executors = compiled_documents(submit.PACKAGE)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["workers"] == {"defaultValue": 1, "isOptional": True,
+                                 "parameterType": "NUMBER_INTEGER"}
+    [branches] = [task for name, task in spec["root"]["dag"]["tasks"].items()
+                  if name.startswith("condition-branches")]
+    group = spec["components"][branches["componentRef"]["name"]]["dag"]["tasks"]
+    by_condition = {}
+    for task in group.values():
+        inner = spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]
+        by_condition[task["triggerPolicy"]["condition"]] = {
+            inner_task["componentRef"]["name"].removeprefix("comp-")
+            for inner_task in inner.values()}
+    single = "int(inputs.parameter_values['pipelinechannel--workers']) == 1"
+    assert by_condition == {
+        single: {"train", "train-2", "evaluate", "clean-checkpoints"},
+        f"!({single})": {"train-tfjob", "train-tfjob-2", "evaluate-2", "clean-checkpoints-2"}}
+    containers = spec["deploymentSpec"]["executors"]
+    tasks = all_tasks(spec)
+    for name in LAUNCHER_TASKS:
+        # the launcher waits for the TFJob: no GPU, no GPU pool, but the shared claim
+        resources = containers[name]["container"]["resources"]
+        assert "accelerator" not in resources
+        assert resources["cpuRequest"] <= 1
+        platform = executors[name]
+        assert "nodeSelector" not in platform and "tolerations" not in platform
+        assert platform["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
+    for name, stage, init in (("train-tfjob", "train-heads",
+                               "pipelinechannel--fetch-weights-weights"),
+                              ("train-tfjob-2", "train-all", "train-tfjob")):
+        task = tasks[name]
+        assert task["retryPolicy"]["maxRetryCount"] >= 1
+        assert not task["cachingOptions"].get("enableCache")
+        inputs = task["inputs"]["parameters"]
+        assert inputs["stage"]["runtimeValue"]["constant"] == stage
+        assert inputs["workers"]["componentInputParameter"] == "pipelinechannel--workers"
+        # the pods' placement and size are the single-pod task's
+        assert inputs["node_selector"]["runtimeValue"]["constant"] == {"pool": "gpu"}
+        assert inputs["toleration"]["runtimeValue"]["constant"]["key"] == "nvidia.com/gpu"
+        assert inputs["pod_resources"]["runtimeValue"]["constant"] == {"cpu": "6",
+                                                                       "memory": "24Gi"}
+        artifact = task["inputs"]["artifacts"]["init"]
+        assert (artifact.get("taskOutputArtifact", {}).get("producerTask")
+                or artifact["componentInputArtifact"]) == init
+    assert tasks["evaluate-2"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"][
+        "producerTask"] == "train-tfjob-2"
 
 
 def test_components_run_the_package_version_image():
@@ -244,7 +328,7 @@ TINY = ["--set", "STEPS_PER_EPOCH=2", "--set", "VALIDATION_STEPS=1",
         "--param", "dataset_count=24", "--param", "val_fraction=0.25",
         "--param", "heads_epochs=1", "--param", "total_epochs=2",
         "--param", "evaluation_limit=4", "--param", "num_pictures=2", "--param", "min_map=0",
-        "--param", "mlflow_experiment=e2e"]
+        "--param", "mlflow_experiment=e2e", "--param", "keep_checkpoints=false"]
 LOSSES = ["loss", "rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss",
           "mrcnn_mask_loss"]
 EVALUATION = ["bbox_mAP", "bbox_mAP50", "segm_mAP", "segm_mAP50", "voc_mAP50"]
@@ -332,6 +416,10 @@ def test_the_whole_pipeline_runs_locally_and_tracks_every_stage_in_mlflow(tmp_pa
         assert np.allclose(served["scores"], direct["scores"], atol=1e-4)
         assert len(served["masks"]) == len(served["scores"])
 
+    # clean-checkpoints removed the run's folder; the final checkpoint is train-all's artifact
+    assert list((tmp_path / "work" / "checkpoints").iterdir()) == []
+    assert list((tmp_path / "work" / "kfp").glob("mask-rcnn-*/train-2/model/*_0002.h5"))
+
     # KFP's own outputs: the metrics artifact of evaluate, the reports
     [output] = (tmp_path / "work" / "kfp").glob("mask-rcnn-*/evaluate/executor_output.json")
     metrics = json.loads(output.read_text())["artifacts"]["metrics"]["artifacts"][0]["metadata"]
@@ -367,3 +455,14 @@ def test_cached_tasks_get_only_what_decides_their_results():
     assert task_inputs(preset, "", ["LEARNING_RATE=0.5", "STEPS_PER_EPOCH=7"]) == base
     assert task_inputs(preset, "", ["NUM_CLASSES=5"])["model_config"] != base["model_config"]
     assert task_inputs(preset, "", ["IMAGE_MIN_DIM=64", "IMAGE_MAX_DIM=64"])["image_size"] == 64
+
+
+def test_the_tfjob_launcher_collects_what_train_stage_writes():
+    from trainer.stages import tfjob
+    from trainer.stages import train as train_module
+    from trainer.stages.tracking import run_folder
+
+    # one run folder rule (trainer.stages.tracking) for train_stage, the launcher, the cleanup
+    assert run_folder("/ckpt", "a/b c") == Path("/ckpt/a_b_c")
+    assert run_folder("/ckpt", "") == Path("/ckpt/run")
+    assert tfjob.SUMMARY_FILE == train_module.SUMMARY_FILE  # what the launcher collects

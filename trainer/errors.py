@@ -15,3 +15,7 @@ class StorageError(UserError):
 
 class WeightsFileError(UserError):
     """A weights file is missing, unreadable, or not in the Keras-2 h5 layout by layer name."""
+
+
+class ClusterError(UserError):
+    """The cluster refused or failed a job: an API error or a failed TFJob (the message says)."""

@@ -180,6 +180,20 @@ def test_only_a_folder_prepare_wrote_itself_is_replaced(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "user"]
 
 
+def test_a_dataset_moved_aside_by_a_killed_swap_is_restored_then_replaced(tmp_path: Path
+                                                                          ) -> None:
+    out = tmp_path / "data"
+    prepare_dataset("shapes", out, count=2, image_size=64, **QUIET)
+    out.rename(tmp_path / ".data.old-0123abcd")  # killed between replace_dir's two renames
+    with pytest.raises(UserError, match="did not write"):  # restored, then checked as ever
+        (tmp_path / ".data.old-0123abcd" / "notes.txt").write_text("keep me")
+        prepare_dataset("shapes", out, count=3, image_size=64, **QUIET)
+    assert (out / "notes.txt").read_text() == "keep me"
+    (out / "notes.txt").unlink()
+    prepare_dataset("shapes", out, count=3, image_size=64, **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
 def test_split_is_deterministic_and_stable_when_images_are_added(tmp_path: Path) -> None:
     small = prepare_dataset("shapes", tmp_path / "a", count=12, image_size=64,
                             val_fraction=0.3, **QUIET)

@@ -51,3 +51,20 @@ def test_replace_dir_swaps_a_finished_folder_in_whole(tmp_path):
     replace_dir(tmp_path / "second", dest)  # the old one moved aside, then deleted
     assert os.listdir(dest) == ["b"]
     assert sorted(os.listdir(tmp_path)) == ["dataset"]
+
+
+def test_a_swap_killed_between_its_renames_is_undone(tmp_path):
+    from trainer.io.atomic import restore_replaced
+
+    dest = tmp_path / "dataset"
+    (tmp_path / ".dataset.old-0000aaaa").mkdir()  # an older leftover
+    aside = tmp_path / ".dataset.old-0123abcd"
+    aside.mkdir()
+    (aside / "a").write_text("previous")
+    os.utime(tmp_path / ".dataset.old-0000aaaa", (1, 1))
+    assert restore_replaced(dest) == dest  # dest was missing: the newest is moved back
+    assert (dest / "a").read_text() == "previous"
+    assert sorted(os.listdir(tmp_path)) == ["dataset"]
+    (tmp_path / ".dataset.old-0123abcd").mkdir()  # beside a present dest: a finished swap's
+    assert restore_replaced(dest) is None
+    assert sorted(os.listdir(tmp_path)) == ["dataset"] and os.listdir(dest) == ["a"]

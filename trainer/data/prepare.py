@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -42,7 +43,7 @@ from trainer.data.coco_json import CocoJsonWriter, coco_annotations
 from trainer.data.records import AnnotatedImage
 from trainer.data.workers import available_cpus, ordered_results
 from trainer.errors import UserError
-from trainer.io.atomic import replace_dir
+from trainer.io.atomic import replace_dir, restore_replaced
 from trainer.progress import Progress
 
 SOURCES = ("shapes", "coco")
@@ -259,6 +260,8 @@ def prepare_dataset(
     out = Path(out_dir).expanduser().absolute()
     if str(out_dir).startswith("gs://"):
         raise UserError("--out must be a local folder: prepare locally, then upload it")
+    if restore_replaced(out):
+        print(f"{out}: restored the dataset a killed run had moved aside", file=sys.stderr)
     _check_replaceable(out)
     options = dict(annotations=annotations, images=images, count=count, image_size=image_size,
                    val_fraction=val_fraction, seed=seed,

@@ -37,7 +37,7 @@ from trainer.config import Config
 from trainer.data.transforms import inference_inputs
 from trainer.engine.maskrcnn import MaskRCNN
 from trainer.errors import UserError
-from trainer.io.atomic import replace_dir
+from trainer.io.atomic import replace_dir, restore_replaced
 from trainer.model.image_meta import parse_image_meta
 
 SIGNATURE = "serving_default"
@@ -121,6 +121,7 @@ def export_saved_model(config: Config, weights: str | Path, out_dir: str | Path,
         raise UserError(f"{len(names)} class names for NUM_CLASSES={config.NUM_CLASSES}: give "
                         "one name per class, background first")
     out = Path(out_dir).absolute()
+    restore_replaced(out)  # an earlier export killed mid-swap: its previous model comes back
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
                                               and not (out / "saved_model.pb").is_file())):
         raise UserError(f"--out {out} exists and is not a SavedModel folder: choose a new one")

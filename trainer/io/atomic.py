@@ -98,6 +98,26 @@ def replace_dir(complete: str | os.PathLike, dest: str | os.PathLike) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def restore_replaced(dest: str | os.PathLike) -> Path | None:
+    """Undoes a replace_dir killed between its two renames: `dest` is missing and its previous
+    folder sits aside as `.{dest}.old-*`; that folder is moved back (the newest, should there
+    be several) and returned. Leftover `.old-*` folders beside a present `dest` are a finished
+    swap's and are deleted. Call it before deciding what to do with `dest`."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return None
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.old-[0-9a-f]{{8}}")
+    aside = sorted((p for p in dest.parent.iterdir() if pattern.fullmatch(p.name) and
+                    p.is_dir() and not p.is_symlink()), key=lambda p: p.stat().st_mtime)
+    restored = None
+    if aside and not os.path.lexists(dest):
+        restored = aside.pop()
+        os.rename(restored, dest)
+    for folder in aside:
+        shutil.rmtree(folder, ignore_errors=True)
+    return dest if restored else None
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

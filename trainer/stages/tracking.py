@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -103,6 +104,12 @@ class TrackingSettings:
     def resolved_experiment(self) -> str:
         return (self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", "")
                 or DEFAULT_EXPERIMENT)
+
+
+def run_folder(checkpoint_root: str | Path, pipeline_run_id: str) -> Path:
+    """The folder of one pipeline run's checkpoints on the volume (a subfolder per stage):
+    train_stage writes it, the TFJob launcher stages into it, clean-checkpoints removes it."""
+    return Path(checkpoint_root) / (re.sub(r"[^A-Za-z0-9_.-]", "_", pipeline_run_id) or "run")
 
 
 def local_tracking_uri(workdir: str | Path) -> str:

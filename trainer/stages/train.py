@@ -11,7 +11,6 @@ resumes from the newest one exactly.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +26,12 @@ from trainer.io.atomic import copy_atomic, write_atomic
 from trainer.stages.fetch import WEIGHTS_FILE, track_fetch
 from trainer.stages.inputs import stage_config
 from trainer.stages.prepare import track_prepare
-from trainer.stages.tracking import StageTracker, TrackingSettings, epoch_metrics_callback
+from trainer.stages.tracking import (
+    StageTracker,
+    TrackingSettings,
+    epoch_metrics_callback,
+    run_folder,
+)
 from trainer.weights import checkpoints
 from trainer.weights.h5layout import read_layout
 
@@ -99,10 +103,6 @@ def run_training(config: Config, data: str | Path, *, val_data: str | Path | Non
     }
 
 
-def _run_folder_key(pipeline_run_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", pipeline_run_id) or "run"
-
-
 def resolve_init(init_dir: str | None, model_dir: Path, config: Config,
                  copy: bool = True) -> tuple[str, str]:
     """What a train task starts from, and why (for the log).
@@ -171,7 +171,7 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
         if upstream and chief:
             track_fetch(tracking, pipeline_config, init_dir or "")
             track_prepare(tracking, pipeline_config, dataset_dir)
-        model_dir = Path(checkpoint_root) / _run_folder_key(tracking.pipeline_run_id) / stage
+        model_dir = run_folder(checkpoint_root, tracking.pipeline_run_id) / stage
         init, why = resolve_init(init_dir, model_dir, cfg, copy=chief)
         print(f"{stage}: {why}; checkpoints in {model_dir}", flush=True)
         if stage_layers(layers, init) != layers:
