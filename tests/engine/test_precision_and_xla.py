@@ -19,13 +19,14 @@ from trainer.weights.by_name import load_weights, save_weights
 
 # 64 px, ResNet-18, few ROIs. ROI_POSITIVE_RATIO 1 with as many ROI slots as proposals: every
 # positive proposal is taken, so the heads' targets do not depend on the random sampling
-# (XLA ignores the op seeds), only on the proposals.
+# (XLA ignores the op seeds), only on the proposals; the ground-truth boxes among them give
+# the untrained heads positive ROIs (non-zero box and mask losses).
 TINY = ["IMAGE_MIN_DIM=64", "IMAGE_MAX_DIM=64", "RPN_ANCHOR_SCALES=[8, 16, 32, 64, 128]",
         "TOP_DOWN_PYRAMID_SIZE=32", "FPN_CLASSIF_FC_LAYERS_SIZE=64", "POOL_SIZE=7",
         "MASK_POOL_SIZE=7", "MASK_SHAPE=[14, 14]", "MINI_MASK_SHAPE=[14, 14]",
         "TRAIN_ROIS_PER_IMAGE=32", "POST_NMS_ROIS_TRAINING=32", "ROI_POSITIVE_RATIO=1.0",
         "PRE_NMS_LIMIT=256", "RPN_TRAIN_ANCHORS_PER_IMAGE=32", "NORM=group", "OPTIMIZER=sgd",
-        "LR_WARMUP_STEPS=0", "PROPOSALS_INCLUDE_GT=false", "MAX_GT_INSTANCES=4"]
+        "LR_WARMUP_STEPS=0", "PROPOSALS_INCLUDE_GT=true", "MAX_GT_INSTANCES=4"]
 LEARNING_RATE = 0.01
 
 
@@ -56,6 +57,7 @@ def float32_step():
     model = MaskRCNN("training", config).keras_model
     initial = model.get_weights()
     model, losses = one_step(config, initial, batch, model)
+    assert all(value > 0 for value in losses.values()), losses  # every loss takes part
     return config, initial, batch, losses, model.get_weights(), model
 
 
@@ -97,19 +99,31 @@ def test_bfloat16_step_matches_float32_and_its_weights_load_into_float32(float32
     config, initial, batch, expected, float32_after, float32_model = float32_step
     model, losses = one_step(config.replace(MIXED_PRECISION="bfloat16"), initial, batch)
     assert all(np.isfinite(v) for v in losses.values())
-    # Stated tolerances (bfloat16 keeps 8 bits of mantissa, ~0.4% per rounding). The RPN
-    # losses and the mask loss: 2% relative. The box head's losses: 15%, because its ROIs
-    # are the proposals the bfloat16 RPN scores select (the same in most slots, not all).
-    # Measured: rpn_class 0.02%, rpn_bbox 0.09%, mask 0.01%, mrcnn_class ~5%, mrcnn_bbox ~5%.
+    # Stated tolerances (bfloat16 keeps 8 bits of mantissa, ~0.4% per rounding): the RPN
+    # losses and the mask loss 2% relative, the total 5%; the box head's losses 15%, because
+    # its ROIs are the proposals the bfloat16 RPN scores select (most, not all, the same).
+    # Measured: rpn_class 0.01%, rpn_bbox 0.3%, mask 0.01%, mrcnn_class 4.7%, mrcnn_bbox 8.1%,
+    # total 2.2%.
     for name in ("rpn_class_loss", "rpn_bbox_loss", "mrcnn_mask_loss"):
         assert losses[name] == pytest.approx(expected[name], rel=0.02), name
-    for name in ("mrcnn_class_loss", "mrcnn_bbox_loss", "loss"):
+    assert losses["loss"] == pytest.approx(expected["loss"], rel=0.05)
+    for name in ("mrcnn_class_loss", "mrcnn_bbox_loss"):
         assert losses[name] == pytest.approx(expected[name], rel=0.15), name
-    # The update followed the float32 one: every weight moved by about the same step.
+    # The update points where float32's did (cosine of the two steps). The RPN's weights
+    # learn from the RPN losses only, which agree within 0.3%: > 0.95. All
+    # weights together: > 0.5 (measured 0.65; the heads saw partly other ROIs; an unrelated
+    # step would be near 0).
     after = model.get_weights()
-    step_error = max(np.abs(a - b).max() for a, b in zip(after, float32_after, strict=True))
-    step_size = max(np.abs(a - b).max() for a, b in zip(float32_after, initial, strict=True))
-    assert step_error < 0.5 * step_size
+    paths = [w.path for w in model.weights]
+
+    def cosine(selected):
+        ours, theirs = (np.concatenate([(w[i] - initial[i]).ravel() for i in selected])
+                        for w in (after, float32_after))
+        return ours @ theirs / (np.linalg.norm(ours) * np.linalg.norm(theirs))
+
+    rpn = [i for i, p in enumerate(paths) if "rpn_" in p]
+    assert rpn and cosine(rpn) > 0.95, cosine(rpn)
+    assert cosine(range(len(paths))) > 0.5, cosine(range(len(paths)))
 
     # Saved in matterport's h5 layout, float32 on disk, loads into a float32 model as is.
     path = tmp_path / "mixed.h5"
@@ -130,8 +144,9 @@ def test_xla_compiled_step_matches_the_graph_step(float32_step):
     config, initial, batch, expected, float32_after, _ = float32_step
     model, losses = one_step(config.replace(JIT_COMPILE=True), initial, batch)
     assert model.jit_compile is True  # no layer opted out: the whole step ran under XLA
-    # XLA fuses and reorders float32 arithmetic: 1e-4 relative (measured: below 1e-5).
+    # XLA fuses and reorders float32 arithmetic: 1e-5 relative (measured: at most 4e-7; the
+    # weights after the step within 1.2e-7 of the graph step's).
     for name, value in expected.items():
-        assert losses[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+        assert losses[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
     for a, b in zip(model.get_weights(), float32_after, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

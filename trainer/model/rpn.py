@@ -17,7 +17,10 @@ def build_rpn_model(anchor_stride: int, anchors_per_location: int, depth: int,
     dtype: the convolutions' Keras dtype policy (None: the global one); the softmax runs in
     float32 whatever it is.
     """
-    feature_map = keras.Input(shape=(None, None, depth), name="input_rpn_feature_map")
+    # Fed the FPN's maps in their compute dtype (a float32 input would cast them there and back).
+    input_dtype = None if dtype is None else keras.dtype_policies.get(dtype).compute_dtype
+    feature_map = keras.Input(shape=(None, None, depth), name="input_rpn_feature_map",
+                              dtype=input_dtype)
     shared = layers.Conv2D(512, 3, padding="same", activation="relu", strides=anchor_stride,
                            name="rpn_conv_shared", dtype=dtype)(feature_map)
     x = layers.Conv2D(2 * anchors_per_location, 1, name="rpn_class_raw", dtype=dtype)(shared)
