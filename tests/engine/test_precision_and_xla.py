@@ -16,6 +16,7 @@ from trainer.data.memory import examples_dataset
 from trainer.engine.training import make_optimizer, resolve_layers, set_trainable
 from trainer.errors import ConfigError
 from trainer.weights.by_name import load_weights, save_weights
+from trainer.weights.checkpoints import load_optimizer_state, save_optimizer_state
 
 # 64 px, ResNet-18, few ROIs. ROI_POSITIVE_RATIO 1 with as many ROI slots as proposals: every
 # positive proposal is taken, so the heads' targets do not depend on the random sampling
@@ -73,10 +74,26 @@ def test_precision_and_jit_keys_are_validated():
 def test_float16_scales_the_loss_and_bfloat16_does_not():
     float16 = make_optimizer(0.01, tiny_config("MIXED_PRECISION=float16", "OPTIMIZER=adam"))
     assert isinstance(float16, keras.optimizers.LossScaleOptimizer)
-    inner = float16.inner_optimizer
-    assert isinstance(inner, keras.optimizers.Adam) and inner.global_clipnorm == 5.0
+    assert isinstance(float16.inner_optimizer, keras.optimizers.Adam)  # the config's optimizer
     bfloat16 = make_optimizer(0.01, tiny_config("MIXED_PRECISION=bfloat16"))
     assert isinstance(bfloat16, keras.optimizers.SGD)
+
+
+def test_loss_scaled_optimizer_state_resumes(tmp_path):
+    # A checkpoint of a float16 run keeps the inner optimizer's momentum and iterations.
+    config = tiny_config("MIXED_PRECISION=float16")
+    variables = [keras.Variable(np.ones(3, np.float32), name="w")]
+    optimizer = make_optimizer(0.1, config)
+    optimizer.build(variables)
+    optimizer.apply([np.array([1.0, 2.0, 3.0], np.float32)], variables)
+    path = tmp_path / "state.npz"
+    save_optimizer_state(path, optimizer, variables, ["w"])
+    restored = make_optimizer(0.1, config)
+    restored.build(variables)
+    assert load_optimizer_state(path, restored, variables, ["w"])
+    momentum = restored.inner_optimizer.momentums[0].numpy()
+    np.testing.assert_allclose(momentum, optimizer.inner_optimizer.momentums[0].numpy())
+    assert np.any(momentum != 0) and int(restored.iterations.numpy()) == 1
 
 
 def test_mixed_policy_covers_the_convolutions_and_leaves_boxes_and_losses_float32():
