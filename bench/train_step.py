@@ -2,10 +2,12 @@
 
     python bench/train_step.py                                # demo preset + 256 px resnet50
     python bench/train_step.py --config configs/demo.yaml --set IMAGE_MAX_DIM=256 --steps 10
+    python bench/train_step.py --precision bfloat16 --jit     # MIXED_PRECISION, JIT_COMPILE
 
 Prints one JSON line per configuration measured. Steps are timed after a warm-up (graph
 tracing), on generated shapes, with the optimizer matterport uses (SGD + momentum, global
-gradient clipping).
+gradient clipping). `precision` and `jit_compile` in the output say what actually ran: the
+backbone's compute dtype, and whether Keras compiled the step with XLA.
 """
 
 from __future__ import annotations
@@ -22,20 +24,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def training_setup(config_path: str, overrides: list[str]):
     """(config, compiled keras model, an endless iterator of batches) for timing a training
     step: generated shapes, matterport's optimizer (SGD + momentum, global gradient clip)."""
-    import keras
-
     from trainer import Config, MaskRCNN
     from trainer.data import shapes
     from trainer.data.memory import examples_dataset
+    from trainer.engine.training import make_optimizer
 
     config = Config.from_yaml(config_path, overrides)
     side = int(config.IMAGE_SHAPE[0])
     samples = list(shapes.generate(max(8, config.BATCH_SIZE), seed=0, height=side, width=side))
     batches = iter(examples_dataset(samples, config))
     keras_model = MaskRCNN("training", config).keras_model
-    keras_model.compile(optimizer=keras.optimizers.SGD(
-        config.LEARNING_RATE, momentum=config.LEARNING_MOMENTUM,
-        global_clipnorm=config.GRADIENT_CLIP_NORM))
+    # Matterport's SGD (with float16's loss scaling when MIXED_PRECISION asks for it).
+    sgd = config.replace(OPTIMIZER="sgd", LR_WARMUP_STEPS=0, LR_DECAY="none")
+    keras_model.compile(optimizer=make_optimizer(config.LEARNING_RATE, sgd),
+                        jit_compile=config.JIT_COMPILE)
     return config, keras_model, batches
 
 
@@ -61,6 +63,8 @@ def measure(config_path: str, overrides: list[str], steps: int, warmup: int) -> 
         "image_size": side,
         "batch_size": config.BATCH_SIZE,
         "steps": steps,
+        "precision": keras_model.get_layer("conv1").compute_dtype,
+        "jit_compile": bool(keras_model.jit_compile),
         "seconds_per_step": round(seconds, 4),
         "images_per_second": round(config.BATCH_SIZE / seconds, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -74,7 +78,11 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", choices=("none", "float16", "bfloat16"), default="none",
+                        help="MIXED_PRECISION (default: none, float32)")
+    parser.add_argument("--jit", action="store_true", help="JIT_COMPILE=true: XLA train step")
     args = parser.parse_args()
+    settings = [f"MIXED_PRECISION={args.precision}", f"JIT_COMPILE={str(args.jit).lower()}"]
     runs = [(args.config, args.overrides)] if args.config else [
         ("configs/demo.yaml", []),
         ("configs/demo.yaml", ["IMAGE_MIN_DIM=256", "IMAGE_MAX_DIM=256",
@@ -87,12 +95,14 @@ def main() -> None:
             import sys
 
             command = [sys.executable, __file__, "--config", path, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup)]
+                       "--warmup", str(args.warmup), "--precision", args.precision,
+                       *(["--jit"] if args.jit else [])]
             for item in overrides:
                 command += ["--set", item]
             subprocess.run(command, check=True)
         else:
-            print(json.dumps(measure(path, overrides, args.steps, args.warmup)), flush=True)
+            print(json.dumps(measure(path, [*overrides, *settings], args.steps, args.warmup)),
+                  flush=True)
 
 
 if __name__ == "__main__":

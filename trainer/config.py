@@ -34,6 +34,7 @@ RESIZE_MODES = ("none", "square", "pad64", "crop")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 NORMS = ("batch", "group")
 LR_DECAYS = ("none", "cosine")
+MIXED_PRECISIONS = ("none", "float16", "bfloat16")
 GROUP_NORM_GROUPS = 32  # NORM=group: channels per normalisation group = channels / 32
 
 # Every key with its default (matterport's) and the kind of value it holds. Kinds: "int",
@@ -91,6 +92,11 @@ _SCHEMA: dict[str, tuple[Any, str]] = {
     "LR_DECAY": ("none", "str"),
     "NORM": ("batch", "str"),
     "PROPOSALS_INCLUDE_GT": (False, "bool"),
+    # Not matterport's: how the step runs, not what it computes (weights stay float32).
+    # MIXED_PRECISION: the backbone, FPN and heads compute in float16/bfloat16; boxes, anchors,
+    # targets, NMS and losses stay float32. JIT_COMPILE: the train step compiled with XLA.
+    "MIXED_PRECISION": ("none", "str"),
+    "JIT_COMPILE": (False, "bool"),
 }
 DERIVED_KEYS = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
 # The keys that decide the shapes of the model's weights: what fetch-weights checks a file
@@ -318,7 +324,8 @@ def _validate(v: dict[str, Any]) -> None:
           f"VALIDATION_STEPS must be >= 0 (0: no validation), got {v['VALIDATION_STEPS']}")
     check(v["NUM_CLASSES"] >= 2,
           f"NUM_CLASSES counts the background too: it must be at least 2, got {v['NUM_CLASSES']}")
-    for key, choices in (("OPTIMIZER", OPTIMIZERS), ("NORM", NORMS), ("LR_DECAY", LR_DECAYS)):
+    for key, choices in (("OPTIMIZER", OPTIMIZERS), ("NORM", NORMS), ("LR_DECAY", LR_DECAYS),
+                         ("MIXED_PRECISION", MIXED_PRECISIONS)):
         check(v[key] in choices, f"{key} must be one of {', '.join(choices)}, got {v[key]!r}")
     check(v["LR_WARMUP_STEPS"] >= 0,
           f"LR_WARMUP_STEPS must be >= 0 (0: no warm-up), got {v['LR_WARMUP_STEPS']}")

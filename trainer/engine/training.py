@@ -182,6 +182,18 @@ class AdamW(AllReducedClipping, keras.optimizers.AdamW):
 
 def make_optimizer(learning_rate: float, config, start_step: int = 0,
                    end_step: int = 0) -> keras.optimizers.Optimizer:
+    """`_unscaled_optimizer`, wrapped for MIXED_PRECISION=float16 in Keras' dynamic loss
+    scaling (float16 gradients underflow without it; bfloat16 has float32's range and needs
+    none). The wrapper unscales the gradients before the inner optimizer clips and applies them.
+    """
+    optimizer = _unscaled_optimizer(learning_rate, config, start_step, end_step)
+    if config.MIXED_PRECISION == "float16":
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _unscaled_optimizer(learning_rate: float, config, start_step: int = 0,
+                        end_step: int = 0) -> keras.optimizers.Optimizer:
     """The config's OPTIMIZER with gradients clipped by their GLOBAL norm: Keras 2's
     `clipnorm` (matterport's GRADIENT_CLIP_NORM) clipped all gradients together; Keras 3's
     `clipnorm` clips each one separately, its `global_clipnorm` is the old meaning. The norm
@@ -420,7 +432,8 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
         optimizer = make_optimizer(learning_rate, config,
                                    start_step=model.epoch * config.STEPS_PER_EPOCH,
                                    end_step=epochs * config.STEPS_PER_EPOCH)
-        keras_model.compile(optimizer=optimizer)
+        # JIT_COMPILE: XLA for the train step (False: Keras' "auto" would pick XLA on a GPU).
+        keras_model.compile(optimizer=optimizer, jit_compile=config.JIT_COMPILE)
         optimizer.build(keras_model.trainable_variables)
         variables = keras_model.trainable_variables
         restored = model.resume_from is not None and load_optimizer_state(
@@ -431,7 +444,7 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
                   f"from {optimizer_path(model.resume_from)}")
     if config.WORKERS > 1:
         fit_on_several_workers(keras_model)
-    schedule = optimizer._learning_rate
+    schedule = getattr(optimizer, "inner_optimizer", optimizer)._learning_rate  # loss scaling
     if isinstance(schedule, WarmupCosineSchedule):
         # The restored iterations already count this stage's earlier epochs.
         schedule.start_step = (model.epoch * config.STEPS_PER_EPOCH

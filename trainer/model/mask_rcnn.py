@@ -31,13 +31,23 @@ def _image_input(config: Config) -> keras.KerasTensor:
     return keras.Input(shape=(side, side, config.IMAGE_CHANNEL_COUNT), name="input_image")
 
 
+def compute_policy(config: Config) -> str | None:
+    """The Keras dtype policy of the backbone, FPN, RPN and head layers: None (the global
+    policy, float32) or "mixed_float16" / "mixed_bfloat16" (MIXED_PRECISION): they compute in
+    half precision on float32 weights. Everything else (anchors, box arithmetic, proposals and
+    their NMS, ROI pooling, targets, probabilities, losses) stays float32."""
+    return None if config.MIXED_PRECISION == "none" else f"mixed_{config.MIXED_PRECISION}"
+
+
 def _shared_graph(config: Config, image, proposal_count: int):
     """Backbone, FPN, RPN and proposals: what both modes share."""
-    c2, c3, c4, c5 = resnet_graph(image, config.BACKBONE, config.TRAIN_BN, config.NORM)
+    dtype = compute_policy(config)
+    c2, c3, c4, c5 = resnet_graph(image, config.BACKBONE, config.TRAIN_BN, config.NORM,
+                                  dtype=dtype)
     pyramid = fpn_graph(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE,
-                        norm=None if config.NORM == "batch" else config.NORM)
+                        norm=None if config.NORM == "batch" else config.NORM, dtype=dtype)
     rpn = build_rpn_model(config.RPN_ANCHOR_STRIDE, config.ANCHORS_PER_LOCATION,
-                          config.TOP_DOWN_PYRAMID_SIZE)
+                          config.TOP_DOWN_PYRAMID_SIZE, dtype=dtype)
     rpn_class_logits, rpn_class, rpn_bbox = rpn_graph(rpn, pyramid)
     anchors = AnchorsLayer(config.RPN_ANCHOR_SCALES, config.RPN_ANCHOR_RATIOS,
                            config.BACKBONE_STRIDES, config.RPN_ANCHOR_STRIDE,
@@ -78,7 +88,8 @@ def build_training_model(config: Config) -> MaskRCNNTrainingModel:
     )([rpn_rois, inputs["input_gt_class_ids"], gt_boxes, inputs["input_gt_masks"]])
     class_logits, _, bbox = classifier_head(
         rois, feature_maps, meta, pool_size=config.POOL_SIZE, num_classes=config.NUM_CLASSES,
-        train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, norm=config.NORM)
+        train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, norm=config.NORM,
+        dtype=compute_policy(config))
     # Only positive ROIs (the first MAX_POSITIVE_ROIS slots) have mask targets: running the
     # mask head on the others would cost most of the step and change nothing. Its BatchNorm
     # statistics come from the slots that hold a positive ROI (not from padding).
@@ -88,7 +99,8 @@ def build_training_model(config: Config) -> MaskRCNNTrainingModel:
                                    name="positive_valid")(roi_valid)
     mask_logits = mask_head(positive_rois, feature_maps, meta, pool_size=config.MASK_POOL_SIZE,
                             num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN,
-                            roi_valid=positive_valid, norm=config.NORM)
+                            roi_valid=positive_valid, norm=config.NORM,
+                            dtype=compute_policy(config))
     outputs = {
         "rpn_class_logits": rpn_class_logits,
         "rpn_bbox": rpn_bbox,
@@ -120,7 +132,8 @@ def build_inference_model(config: Config) -> keras.Model:
         config, image, config.POST_NMS_ROIS_INFERENCE)
     _, class_probs, bbox = classifier_head(
         rpn_rois, feature_maps, meta, pool_size=config.POOL_SIZE, num_classes=config.NUM_CLASSES,
-        train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, norm=config.NORM)
+        train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, norm=config.NORM,
+        dtype=compute_policy(config))
     detections = DetectionLayer(
         config.DETECTION_MAX_INSTANCES, config.DETECTION_MIN_CONFIDENCE,
         config.DETECTION_NMS_THRESHOLD, config.BBOX_STD_DEV, name="mrcnn_detection",
@@ -128,8 +141,8 @@ def build_inference_model(config: Config) -> keras.Model:
     detection_boxes = layers.Lambda(lambda d: d[..., :4], name="detection_boxes")(detections)
     mask_logits = mask_head(detection_boxes, feature_maps, meta, pool_size=config.MASK_POOL_SIZE,
                             num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN,
-                            norm=config.NORM)
-    masks = layers.Activation("sigmoid", name="mrcnn_mask_probs")(mask_logits)
+                            norm=config.NORM, dtype=compute_policy(config))
+    masks = layers.Activation("sigmoid", name="mrcnn_mask_probs", dtype="float32")(mask_logits)
     return keras.Model(
         [image, meta], [detections, class_probs, bbox, masks, rpn_rois, rpn_class, rpn_bbox],
         name="mask_rcnn")
@@ -149,7 +162,10 @@ class MaskRCNNTrainingModel(keras.Model):
         self.trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", *LOSS_NAMES)}
 
     def compute_losses(self, inputs: dict, outputs: dict) -> dict[str, tf.Tensor]:
-        """The five losses, each multiplied by its LOSS_WEIGHTS entry."""
+        """The five losses, each multiplied by its LOSS_WEIGHTS entry; computed in float32
+        from half-precision predictions too (MIXED_PRECISION)."""
+        outputs = {name: tf.cast(value, tf.float32) if value.dtype.is_floating else value
+                   for name, value in outputs.items()}
         active = parse_image_meta(inputs["input_image_meta"])["active_class_ids"]
         positive_ids = outputs["target_class_ids"][:, : outputs["target_mask"].shape[1]]
         values = {
@@ -186,6 +202,9 @@ class MaskRCNNTrainingModel(keras.Model):
             total, values = self._step_losses(data, training=True)
             # Gradients are summed across replicas: scale so the sum is the mean.
             scaled = total / tf.distribute.get_strategy().num_replicas_in_sync
+            # MIXED_PRECISION=float16: the loss-scaling optimizer's scale (others: unchanged);
+            # its apply() unscales the gradients.
+            scaled = self.optimizer.scale_loss(scaled)
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)

@@ -14,11 +14,13 @@ from trainer.config import GROUP_NORM_GROUPS
 from trainer.model.batch_norm import BatchNorm
 
 
-def norm_layer(norm: str, train_bn: bool, name: str | None = None) -> keras.layers.Layer:
-    """norm "batch" -> BatchNorm(train_bn); "group" -> GroupNormalization(32 groups)."""
+def norm_layer(norm: str, train_bn: bool, name: str | None = None,
+               dtype=None) -> keras.layers.Layer:
+    """norm "batch" -> BatchNorm(train_bn); "group" -> GroupNormalization(32 groups).
+    dtype: the Keras dtype policy; under a mixed one both normalise in float32 internally."""
     if norm == "group":
         return keras.layers.GroupNormalization(groups=GROUP_NORM_GROUPS, epsilon=1e-5,
-                                               name=name)
+                                               name=name, dtype=dtype)
     if norm != "batch":
         raise ValueError(f"unknown norm {norm!r}: expected batch or group")
-    return BatchNorm(train_bn, name=name)
+    return BatchNorm(train_bn, name=name, dtype=dtype)

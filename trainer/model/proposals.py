@@ -21,9 +21,6 @@ class ProposalLayer(keras.layers.Layer):
     def __init__(self, proposal_count: int, nms_threshold: float, pre_nms_limit: int,
                  rpn_bbox_std_dev=(0.1, 0.1, 0.2, 0.2), **kwargs):
         super().__init__(**kwargs)
-        # NonMaxSuppressionV3 has no XLA kernel: keeps Keras' jit_compile="auto" (XLA on GPU)
-        # from compiling a graph that would fail.
-        self.supports_jit = False
         self.proposal_count = int(proposal_count)
         self.nms_threshold = float(nms_threshold)
         self.pre_nms_limit = int(pre_nms_limit)
@@ -56,16 +53,25 @@ class ProposalLayer(keras.layers.Layer):
 
 def nms_padded(boxes: tf.Tensor, scores: tf.Tensor, max_output: int,
                iou_threshold: float) -> tf.Tensor:
-    """Batched NMS. boxes [B, N, 4] (y1 <= y2, x1 <= x2), scores [B, N] sorted descending.
+    """Batched greedy NMS that XLA compiles. boxes [B, N, 4] (y1 <= y2, x1 <= x2), scores
+    [B, N] sorted descending.
 
     Returns the kept boxes [B, max_output, 4] in score order, zero rows after the last one.
+    `tf.image.non_max_suppression_padded` (static shapes, tiles of boxes suppressed in
+    parallel) selects the same boxes in the same order as `tf.image.non_max_suppression`
+    (NonMaxSuppressionV3, no XLA kernel), except a box that is all zeros, which it reads as
+    padding and never keeps (a proposal clipped to the image's top-left corner: no ROI
+    either way). On 2 CPU cores it is as fast at 1000 boxes and faster at 6000.
     """
-    def one_image(args):
-        image_boxes, image_scores = args
-        keep = tf.image.non_max_suppression(image_boxes, image_scores, max_output, iou_threshold)
-        kept = tf.gather(image_boxes, keep)
-        return tf.pad(kept, [[0, max_output - tf.shape(kept)[0]], [0, 0]])
-
-    out = tf.map_fn(one_image, (boxes, scores),
-                    fn_output_signature=tf.TensorSpec([max_output, 4], tf.float32))
+    num_boxes = boxes.shape[1]
+    if num_boxes is not None and num_boxes < max_output:
+        # It returns at most N indices: pad the boxes so that the output has max_output rows.
+        boxes = tf.pad(boxes, [[0, 0], [0, max_output - num_boxes], [0, 0]])
+        scores = tf.pad(scores, [[0, 0], [0, max_output - num_boxes]], constant_values=-1.0)
+    keep, valid = tf.image.non_max_suppression_padded(
+        boxes, scores, max_output, iou_threshold, pad_to_max_output_size=True,
+        sorted_input=True, canonicalized_coordinates=True)
+    kept = tf.gather(boxes, keep[:, :max_output], batch_dims=1)
+    is_kept = tf.range(max_output)[None, :] < valid[:, None]
+    out = tf.where(is_kept[..., None], kept, 0.0)
     return tf.ensure_shape(out, [None, max_output, 4])

@@ -230,7 +230,8 @@ def load_optimizer_state(path: Path, optimizer, variables, names: list[str]) -> 
 
 def _slots(optimizer, variables) -> list:
     """The optimizer's per-variable slots (SGD: momentum; Adam, AdamW: first and second
-    moments), in `variables` order."""
+    moments), in `variables` order; a loss-scaling wrapper's are its inner optimizer's."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     kinds = [getattr(optimizer, name, None) for name in ("momentums", "_momentums",
                                                           "_velocities")]
     return [slots[optimizer._get_variable_index(v)] for slots in kinds if slots
