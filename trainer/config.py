@@ -42,6 +42,7 @@ GROUP_NORM_GROUPS = 32  # NORM=group: channels per normalisation group = channel
 _SCHEMA: dict[str, tuple[Any, str]] = {
     "NAME": ("mrcnn", "str"),
     "GPU_COUNT": (1, "int"),
+    "WORKERS": (1, "int"),  # not matterport's: machines (TF_CONFIG tasks) training together
     "IMAGES_PER_GPU": (2, "int"),
     "STEPS_PER_EPOCH": (1000, "int"),
     "VALIDATION_STEPS": (50, "int"),
@@ -312,7 +313,7 @@ def _validate(v: dict[str, Any]) -> None:
         if not ok:
             raise ConfigError(message)
 
-    for key in ("GPU_COUNT", "IMAGES_PER_GPU", "STEPS_PER_EPOCH", "NUM_CLASSES",
+    for key in ("GPU_COUNT", "WORKERS", "IMAGES_PER_GPU", "STEPS_PER_EPOCH", "NUM_CLASSES",
                 "TRAIN_ROIS_PER_IMAGE", "MAX_GT_INSTANCES", "DETECTION_MAX_INSTANCES",
                 "PRE_NMS_LIMIT", "POST_NMS_ROIS_TRAINING", "POST_NMS_ROIS_INFERENCE",
                 "RPN_TRAIN_ANCHORS_PER_IMAGE", "POOL_SIZE", "MASK_POOL_SIZE",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ import tensorflow as tf
 
 from trainer.data import input as data_input
 from trainer.data.augment import Augmentation
+from trainer.engine.strategy import is_chief
 from trainer.errors import UserError
 from trainer.weights.by_name import save_weights, weight_names
 from trainer.weights.checkpoints import (
@@ -138,6 +140,46 @@ class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "decay_steps": self.decay_steps, "start_step": self.start_step}
 
 
+class AllReducedClipping:
+    """Optimizer mixin: gradients are summed over all replicas (and workers) BEFORE they are
+    clipped by their global norm, so GPU_COUNT x WORKERS replicas take the step one device
+    takes on the whole batch (matterport's meaning of GRADIENT_CLIP_NORM).
+
+    Keras 3 (TF backend) clips each replica's share in `apply` and sums the shares only
+    afterwards, in `_backend_update_step`: with two replicas each share was clipped to the
+    norm, and their sum could reach twice it. Here `_clip_gradients` (called once per step,
+    in the replica context, just before the update) does the one all-reduce itself and
+    `_all_reduce_sum_gradients` passes the sums through instead of summing again.
+    """
+
+    def _clip_gradients(self, grads):
+        context = tf.distribute.get_replica_context()
+        if context is not None:  # None: cross-replica context, nothing to sum
+            present = [g for g in grads if g is not None]
+            summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present)
+                          if present else [])
+            grads = [None if g is None else next(summed) for g in grads]
+        return super()._clip_gradients(grads)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return list(grads_and_vars)  # summed in _clip_gradients already
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class SGD(AllReducedClipping, keras.optimizers.SGD):
+    """Keras SGD; global-norm clipping of the gradient summed over replicas."""
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class Adam(AllReducedClipping, keras.optimizers.Adam):
+    """Keras Adam; global-norm clipping of the gradient summed over replicas."""
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class AdamW(AllReducedClipping, keras.optimizers.AdamW):
+    """Keras AdamW; global-norm clipping of the gradient summed over replicas."""
+
+
 def make_optimizer(learning_rate: float, config, start_step: int = 0,
                    end_step: int = 0) -> keras.optimizers.Optimizer:
     """`_unscaled_optimizer`, wrapped for MIXED_PRECISION=float16 in Keras' dynamic loss
@@ -154,7 +196,9 @@ def _unscaled_optimizer(learning_rate: float, config, start_step: int = 0,
                         end_step: int = 0) -> keras.optimizers.Optimizer:
     """The config's OPTIMIZER with gradients clipped by their GLOBAL norm: Keras 2's
     `clipnorm` (matterport's GRADIENT_CLIP_NORM) clipped all gradients together; Keras 3's
-    `clipnorm` clips each one separately, its `global_clipnorm` is the old meaning.
+    `clipnorm` clips each one separately, its `global_clipnorm` is the old meaning. The norm
+    is that of the gradient summed over all replicas and workers (`AllReducedClipping`), as
+    matterport's single device saw it.
 
     sgd (matterport's): momentum LEARNING_MOMENTUM. adam: Adam (beta_1 0.9), whose steps do not
     depend on the gradients' scale: from random initialisation the first convolution's
@@ -172,14 +216,13 @@ def _unscaled_optimizer(learning_rate: float, config, start_step: int = 0,
             end_step if config.LR_DECAY == "cosine" else 0, start_step)
     clip = config.GRADIENT_CLIP_NORM
     if config.OPTIMIZER == "adam":
-        return keras.optimizers.Adam(learning_rate=rate, global_clipnorm=clip)
+        return Adam(learning_rate=rate, global_clipnorm=clip)
     if config.OPTIMIZER == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate=rate, weight_decay=config.WEIGHT_DECAY,
-                                           global_clipnorm=clip)
+        optimizer = AdamW(learning_rate=rate, weight_decay=config.WEIGHT_DECAY,
+                          global_clipnorm=clip)
         optimizer.exclude_from_weight_decay(var_names=["gamma", "beta"])
         return optimizer
-    return keras.optimizers.SGD(learning_rate=rate, momentum=config.LEARNING_MOMENTUM,
-                                global_clipnorm=clip)
+    return SGD(learning_rate=rate, momentum=config.LEARNING_MOMENTUM, global_clipnorm=clip)
 
 
 def recompute_bn_statistics(keras_model: keras.Model, batches, steps: int = 1) -> int:
@@ -303,6 +346,46 @@ def _datasets(model, train_data, val_data, augmentation, no_augmentation_sources
     return one(train_data, True), (None if val_data is None else one(val_data, False))
 
 
+def _per_replica(strategy, dataset: tf.data.Dataset, images_per_gpu: int):
+    """With several workers: each worker's own pipeline (batches of its GPU_COUNT x
+    IMAGES_PER_GPU images, shuffled independently of the other workers') split into
+    per-replica batches; the global batch is then IMAGES_PER_GPU x GPU_COUNT x WORKERS."""
+    return strategy.distribute_datasets_from_function(
+        lambda context: dataset.rebatch(images_per_gpu, drop_remainder=True))
+
+
+def fit_on_several_workers(keras_model: keras.Model) -> None:
+    """Two work-arounds for Keras 3.15's `fit` under MultiWorkerMirroredStrategy, for a model
+    and optimizer built before `fit` (as `train` builds them):
+    - `fit` first averages one input batch over the replicas (`strategy.reduce` of the
+      input structure) for a symbolic build, which this strategy cannot reduce (it fails
+      converting a PerReplica): a built model needs no symbolic build, so it is skipped;
+    - the step's logs are averaged with `strategy.reduce(MEAN, axis=0)`, which fails on the
+      scalars a step returns: the steps here return each log as a [1] vector, whose mean is
+      the scalar. Every replica's value is already the all-replica value (Keras metrics sum
+      their variables across replicas), so the mean changes nothing."""
+    if not (keras_model.built and keras_model.optimizer is not None
+            and keras_model.optimizer.built):
+        raise AssertionError("fit_on_several_workers needs a built model and optimizer")
+    keras_model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    for name in ("train_step", "test_step"):
+        step = getattr(keras_model, name)
+        setattr(keras_model, name, lambda data, step=step: {
+            key: tf.reshape(value, [1]) for key, value in step(data).items()})
+
+
+def _writing_folder(model, chief: bool) -> Path:
+    """Where this process writes checkpoints and TensorBoard logs (its `model.log_dir` from
+    now on): the run folder for the chief (created for a new run, never a concurrent run's);
+    for any other worker a scratch folder of the same name under $TMPDIR, which goes with the
+    pod (TensorFlow's multi-worker rule: only the chief's files are the run's)."""
+    if not chief:
+        model.log_dir = Path(tempfile.mkdtemp(prefix="mrcnn-worker-")) / model.log_dir.name
+    elif model.resume_from is None:
+        model.log_dir = create_run_folder(model.model_dir, model.config.NAME)
+    return model.log_dir
+
+
 def train(model, train_data, val_data, learning_rate: float, epochs: int, layers: str,
           augmentation=None, custom_callbacks: Sequence[keras.callbacks.Callback] | None = None,
           no_augmentation_sources: Sequence[str] | None = None, verbose: int = 1,
@@ -330,12 +413,18 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
                                    no_augmentation_sources)
     if keep_last is not None and keep_last < 1:
         raise UserError(f"keep_last must be at least 1 (or None: keep all), got {keep_last}")
-    if model.resume_from is None:  # a new run: a folder of its own, never a concurrent run's
-        model.log_dir = create_run_folder(model.model_dir, config.NAME)
-    for leftover in remove_leftovers(model.log_dir, config.NAME):
+    chief = is_chief(config)
+    log_dir = _writing_folder(model, chief)
+    for leftover in remove_leftovers(log_dir, config.NAME):
         print(f"Removed {leftover.name}, left by an interrupted checkpoint write")
+    per_worker_train = train_set
+    if config.WORKERS > 1:
+        train_set = _per_replica(model.strategy, train_set, config.IMAGES_PER_GPU)
+        if val_set is not None:
+            val_set = _per_replica(model.strategy, val_set, config.IMAGES_PER_GPU)
     print(f"\nStarting at epoch {model.epoch}. LR={learning_rate}\n")
-    print(f"Checkpoint Path: {model.log_dir}/mask_rcnn_{config.NAME.lower()}_*epoch*.h5")
+    print(f"Checkpoint Path: {log_dir}/mask_rcnn_{config.NAME.lower()}_*epoch*.h5"
+          + ("" if chief else " (scratch: a worker that is not the chief)"))
     print("Selecting layers to train")
     keras_model = model.keras_model
     with model.strategy.scope():
@@ -353,6 +442,8 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
         if restored:
             print(f"Restored optimizer state (iteration {int(optimizer.iterations.numpy())}) "
                   f"from {optimizer_path(model.resume_from)}")
+    if config.WORKERS > 1:
+        fit_on_several_workers(keras_model)
     schedule = getattr(optimizer, "inner_optimizer", optimizer)._learning_rate  # loss scaling
     if isinstance(schedule, WarmupCosineSchedule):
         # The restored iterations already count this stage's earlier epochs.
@@ -364,13 +455,14 @@ def train(model, train_data, val_data, learning_rate: float, epochs: int, layers
     guard = NonFiniteLossGuard()
     # A checkpoint whose optimizer state did not restore ended another stage: kept.
     stage_start = [model.resume_from] if model.resume_from is not None and not restored else []
-    checkpoint = EpochCheckpoint(model.log_dir, config.NAME, guard,
+    checkpoint = EpochCheckpoint(log_dir, config.NAME, guard,
                                  {"layers": regex, "learning_rate": learning_rate},
                                  keep_last=keep_last, protected=stage_start)
     uses_batch_statistics = config.TRAIN_BN and config.NORM == "batch"  # GroupNorm has none
-    precise_bn = [PreciseBatchNorm(iter(train_set), guard)] if uses_batch_statistics else []
+    precise_bn = ([PreciseBatchNorm(iter(per_worker_train), guard)] if uses_batch_statistics
+                  else [])
     callbacks = [guard, *precise_bn, checkpoint,
-                 keras.callbacks.TensorBoard(log_dir=str(model.log_dir), write_graph=False),
+                 keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False),
                  *(custom_callbacks or [])]
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
     history = keras_model.fit(

@@ -19,6 +19,7 @@ import keras
 from trainer.config import Config
 from trainer.data.input import check_classes, read_dataset_info, shard_paths
 from trainer.engine.maskrcnn import MaskRCNN
+from trainer.engine.strategy import cluster_task, is_chief
 from trainer.engine.training import learning_rate_for, resolve_layers
 from trainer.errors import UserError
 from trainer.io.atomic import copy_atomic, write_atomic
@@ -63,6 +64,7 @@ def run_training(config: Config, data: str | Path, *, val_data: str | Path | Non
     if keep_last is not None and keep_last < 1:
         raise UserError(f"keep_last must be at least 1 (or none: keep all), got {keep_last}")
     resolve_layers(layers)
+    cluster_task(config.WORKERS)
     for folder, split in ((data, "train"), (val_data, "val")):
         if folder is None:
             continue
@@ -101,12 +103,15 @@ def run_training(config: Config, data: str | Path, *, val_data: str | Path | Non
     }
 
 
-def resolve_init(init_dir: str | None, model_dir: Path, config: Config) -> tuple[str, str]:
+def resolve_init(init_dir: str | None, model_dir: Path, config: Config,
+                 copy: bool = True) -> tuple[str, str]:
     """What a train task starts from, and why (for the log).
 
     1. Checkpoints of this task in model_dir: a retried task resumes from the newest ("last").
     2. A previous stage's checkpoint in init_dir: copied into a run folder of model_dir, so the
-       epoch count continues and this stage's checkpoints land beside it, not in its input.
+       epoch count continues and this stage's checkpoints land beside it, not in its input
+       (copy False, for a worker that is not the chief: loaded from init_dir, the same
+       weights and epoch, nothing written).
     3. Fetched weights (init_dir/weights.h5): loaded by name. 4. Nothing: random ("none")."""
     try:
         last = checkpoints.find_last_checkpoint(model_dir, config.NAME)
@@ -117,10 +122,12 @@ def resolve_init(init_dir: str | None, model_dir: Path, config: Config) -> tuple
     if folder is not None and folder.is_dir():
         previous = checkpoints.newest_in_folder(folder)
         if previous is not None:
+            if not copy:
+                return str(previous), f"continuing the previous stage's {previous.name}"
             summary = json.loads((folder / SUMMARY_FILE).read_text())
-            copy = model_dir / Path(summary["log_dir"]).name / previous.name
-            copy_atomic(previous, copy)
-            return str(copy), f"continuing the previous stage's checkpoint {previous.name}"
+            copied = model_dir / Path(summary["log_dir"]).name / previous.name
+            copy_atomic(previous, copied)
+            return str(copied), f"continuing the previous stage's checkpoint {previous.name}"
         if (folder / WEIGHTS_FILE).is_file():
             return str(folder / WEIGHTS_FILE), "loading the fetched weights by name"
     return "none", "random initialisation"
@@ -139,20 +146,33 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
                 lr_factor: float, dataset_dir: str, init_dir: str | None,
                 exclude: Sequence[str], checkpoint_root: str, out_dir: str,
                 tracking: TrackingSettings, upstream: bool = False,
-                keep_last: int | None = PIPELINE_KEEP_LAST) -> dict:
+                keep_last: int | None = PIPELINE_KEEP_LAST,
+                custom_callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
     """The pipeline's train task. learning_rate 0 means LEARNING_RATE x lr_factor (matterport
     trains all layers at a tenth of the heads' rate). upstream: also record the fetch-weights
     and prepare-data stage runs from init_dir and dataset_dir (those tasks are cached and
-    track nothing themselves). Returns the last epoch's logs as `metrics` and the
-    checkpoint's name and epoch."""
-    with StageTracker(tracking, stage) as tracker:
+    track nothing themselves). custom_callbacks: Keras callbacks added to training. Returns
+    the last epoch's logs as `metrics` and the checkpoint's name and epoch.
+
+    Multi-worker (WORKERS > 1 in the overrides, TF_CONFIG set by the TFJob operator): every
+    worker pod calls this with the same arguments; checkpoint_root must be the same shared
+    folder for all (a ReadWriteMany volume) and dataset_dir readable by all (gs://). Only the
+    chief writes checkpoints (in checkpoint_root), out_dir and MLflow records; the others
+    write checkpoints and TensorBoard logs to a scratch folder and return the same summary."""
+    try:
         pipeline_config = stage_config(config_preset, config_yaml, overrides)
-        if upstream:
+        cfg = pipeline_config.replace(GPU_COUNT=gpu_count)
+        chief, failure = is_chief(cfg), None
+    except UserError as err:  # recorded as the stage's failure, as any other bad input
+        chief, failure = True, err
+    with StageTracker(tracking, stage, enabled=chief) as tracker:
+        if failure is not None:
+            raise failure
+        if upstream and chief:
             track_fetch(tracking, pipeline_config, init_dir or "")
             track_prepare(tracking, pipeline_config, dataset_dir)
-        cfg = pipeline_config.replace(GPU_COUNT=gpu_count)
         model_dir = run_folder(checkpoint_root, tracking.pipeline_run_id) / stage
-        init, why = resolve_init(init_dir, model_dir, cfg)
+        init, why = resolve_init(init_dir, model_dir, cfg, copy=chief)
         print(f"{stage}: {why}; checkpoints in {model_dir}", flush=True)
         if stage_layers(layers, init) != layers:
             layers = stage_layers(layers, init)
@@ -168,17 +188,23 @@ def train_stage(*, config_preset: str, config_yaml: str, overrides: Sequence[str
                                exclude=loaded_exclude, layers=layers, epochs=epochs,
                                learning_rate=learning_rate, lr_factor=lr_factor,
                                model_dir=model_dir, verbose=2, keep_last=keep_last,
-                               custom_callbacks=[epoch_metrics_callback(tracker, model_dir)])
+                               custom_callbacks=[epoch_metrics_callback(tracker, model_dir),
+                                                 *custom_callbacks])
         tracker.log_tensorboard(model_dir)  # the last epoch's events, flushed now
         if not summary["checkpoint"]:
             raise UserError(f"{stage}: no checkpoint was written (epochs={epochs} is not past "
                             f"the starting epoch {summary['start_epoch']})")
         checkpoint = Path(summary["checkpoint"])
+        metrics = {k: values[-1] for k, values in summary["history"].items() if values}
+        result = {"metrics": metrics, "checkpoint": checkpoint.name, "epoch": summary["epoch"]}
+        if not chief:
+            print(f"{stage}: not the chief: the chief's {model_dir} holds the checkpoints",
+                  flush=True)
+            return result
         out = Path(out_dir)
         copy_atomic(checkpoint, out / checkpoint.name)
         write_atomic(out / "config.yaml", cfg.to_yaml())
         write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True))
         tracker.log_artifact(out / SUMMARY_FILE, "checkpoint")
         tracker.log_artifact(out / checkpoint.name, "checkpoint")
-        metrics = {k: values[-1] for k, values in summary["history"].items() if values}
-        return {"metrics": metrics, "checkpoint": checkpoint.name, "epoch": summary["epoch"]}
+        return result
