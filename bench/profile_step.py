@@ -13,7 +13,7 @@ utilisation. Stages come from the layer each op belongs to (its name scope):
     backbone   conv1, res*/bn* and the ResNet's unnamed activations and adds
     fpn        fpn_*           rpn_head   rpn_model, rpn_class/bbox concatenations
     proposals  ROI (top-k, box decoding, NMS), anchors
-    targets    proposal_targets, norm_gt_boxes, positive_rois (matching, sampling, mask crops)
+    targets    proposal_targets, norm_gt_boxes, positive_rois/slots (matching, sampling, masks)
     roi_align  roi_align_classifier, roi_align_mask
     heads      mrcnn_* (classifier and mask heads)
     losses     the five losses and the L2 term (ops outside the model's scope in the step)
@@ -46,7 +46,7 @@ LAYER_STAGES = [
     (re.compile(r"fpn_.*"), "fpn"),
     (re.compile(r"rpn_.*"), "rpn_head"),
     (re.compile(r"(ROI|anchors)$"), "proposals"),
-    (re.compile(r"(proposal_targets|norm_gt_boxes|positive_rois)$"), "targets"),
+    (re.compile(r"(proposal_targets|norm_gt_boxes|positive_rois|positive_slots)$"), "targets"),
     (re.compile(r"roi_align_.*"), "roi_align"),
     (re.compile(r"(mrcnn_.*|pool_squeeze)$"), "heads"),
 ]

@@ -1,8 +1,9 @@
 """Training-step throughput: seconds per step, images/second and peak memory for a config.
 
-    python bench/train_step.py                                # demo preset + 256 px resnet50
+    python bench/train_step.py                    # demo preset + the 256 px ResNet-50 setting
     python bench/train_step.py --config configs/demo.yaml --set IMAGE_MAX_DIM=256 --steps 10
     python bench/train_step.py --precision bfloat16 --jit     # MIXED_PRECISION, JIT_COMPILE
+    python bench/train_step.py --infer ...        # MaskRCNN.detect() instead, batch 1
 
 Prints one JSON line per configuration measured. Steps are timed after a warm-up (graph
 tracing), on generated shapes, with the optimizer matterport uses (SGD + momentum, global
@@ -19,6 +20,20 @@ import resource
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Issue 13's side-by-side setting on configs/demo.yaml: matterport's ResNet-50-FPN Mask R-CNN
+# (BatchNorm, its head sizes and sampling) at 256 px, batch 2, 4 classes, SGD with momentum;
+# bench/torchvision_step.py's defaults are the same settings for torchvision's model.
+SETTING_256 = [
+    "BACKBONE=resnet50", "NORM=batch", "TRAIN_BN=true", "OPTIMIZER=sgd", "LR_WARMUP_STEPS=0",
+    "IMAGE_MIN_DIM=256", "IMAGE_MAX_DIM=256", "IMAGES_PER_GPU=2", "NUM_CLASSES=4",
+    "TOP_DOWN_PYRAMID_SIZE=256", "FPN_CLASSIF_FC_LAYERS_SIZE=1024",
+    "RPN_ANCHOR_SCALES=[32, 64, 128, 256, 512]", "RPN_TRAIN_ANCHORS_PER_IMAGE=256",
+    "PRE_NMS_LIMIT=6000", "POST_NMS_ROIS_TRAINING=2000", "POST_NMS_ROIS_INFERENCE=1000",
+    "TRAIN_ROIS_PER_IMAGE=128", "ROI_POSITIVE_RATIO=0.25", "PROPOSALS_INCLUDE_GT=false",
+    "MAX_GT_INSTANCES=100", "MINI_MASK_SHAPE=[56, 56]", "DETECTION_MAX_INSTANCES=100",
+    "DETECTION_MIN_CONFIDENCE=0.05",
+]
 
 
 def training_setup(config_path: str, overrides: list[str]):
@@ -51,12 +66,33 @@ def seconds_per_step(keras_model, batches, steps: int, warmup: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def measure(config_path: str, overrides: list[str], steps: int, warmup: int) -> dict:
-    config, keras_model, batches = training_setup(config_path, overrides)
+def seconds_per_detect(config_path: str, overrides: list[str], steps: int, warmup: int):
+    """(config, mean seconds of `MaskRCNN.detect()` on one image) after `warmup` calls."""
+    from trainer import Config, MaskRCNN
+    from trainer.data import shapes
+
+    config = Config.from_yaml(config_path, [*overrides, "IMAGES_PER_GPU=1", "GPU_COUNT=1"])
     side = int(config.IMAGE_SHAPE[0])
-    seconds = seconds_per_step(keras_model, batches, steps, warmup)
+    images = [s.image for s in shapes.generate(8, seed=0, height=side, width=side)]
+    model = MaskRCNN("inference", config)
+    for i in range(warmup):
+        model.detect([images[i % len(images)]])
+    start = time.perf_counter()
+    for i in range(steps):
+        model.detect([images[i % len(images)]])
+    return config, (time.perf_counter() - start) / steps
+
+
+def measure(config_path: str, overrides: list[str], steps: int, warmup: int,
+            infer: bool = False) -> dict:
+    if infer:
+        config, seconds = seconds_per_detect(config_path, overrides, steps, warmup)
+    else:
+        config, keras_model, batches = training_setup(config_path, overrides)
+        seconds = seconds_per_step(keras_model, batches, steps, warmup)
+    side = int(config.IMAGE_SHAPE[0])
     return {
-        "benchmark": "train_step",
+        "benchmark": "detect" if infer else "train_step",
         "config": config_path,
         "overrides": overrides,
         "backbone": config.BACKBONE,
@@ -81,12 +117,17 @@ def main() -> None:
     parser.add_argument("--precision", choices=("none", "float16", "bfloat16"), default="none",
                         help="MIXED_PRECISION (default: none, float32)")
     parser.add_argument("--jit", action="store_true", help="JIT_COMPILE=true: XLA train step")
+    parser.add_argument("--infer", action="store_true",
+                        help="time MaskRCNN.detect() on one image instead of a training step")
+    parser.add_argument("--setting-256", action="store_true",
+                        help="add SETTING_256 (issue 13's side-by-side setting) to --set")
     args = parser.parse_args()
     settings = [f"MIXED_PRECISION={args.precision}", f"JIT_COMPILE={str(args.jit).lower()}"]
+    if args.setting_256:
+        args.overrides = [*SETTING_256, *args.overrides]
     runs = [(args.config, args.overrides)] if args.config else [
         ("configs/demo.yaml", []),
-        ("configs/demo.yaml", ["IMAGE_MIN_DIM=256", "IMAGE_MAX_DIM=256",
-                               "RPN_ANCHOR_SCALES=[16, 32, 64, 128, 256]"]),
+        ("configs/demo.yaml", SETTING_256),
     ]
     for path, overrides in runs:
         # One process per configuration: peak memory is per process.
@@ -96,12 +137,13 @@ def main() -> None:
 
             command = [sys.executable, __file__, "--config", path, "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--precision", args.precision,
-                       *(["--jit"] if args.jit else [])]
+                       *(["--jit"] if args.jit else []), *(["--infer"] if args.infer else [])]
             for item in overrides:
                 command += ["--set", item]
             subprocess.run(command, check=True)
         else:
-            print(json.dumps(measure(path, [*overrides, *settings], args.steps, args.warmup)),
+            print(json.dumps(measure(path, [*overrides, *settings], args.steps, args.warmup,
+                                     args.infer)),
                   flush=True)
 
 

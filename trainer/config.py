@@ -33,6 +33,7 @@ BACKBONES = ("resnet18", "resnet50", "resnet101")
 RESIZE_MODES = ("none", "square", "pad64", "crop")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 NORMS = ("batch", "group")
+MASK_HEAD_ROIS = ("dynamic", "static")
 LR_DECAYS = ("none", "cosine")
 MIXED_PRECISIONS = ("none", "float16", "bfloat16")
 GROUP_NORM_GROUPS = 32  # NORM=group: channels per normalisation group = channels / 32
@@ -97,6 +98,11 @@ _SCHEMA: dict[str, tuple[Any, str]] = {
     # targets, NMS and losses stay float32. JIT_COMPILE: the train step compiled with XLA.
     "MIXED_PRECISION": ("none", "str"),
     "JIT_COMPILE": (False, "bool"),
+    # Execution only (same weights, same results): "dynamic" runs the training graph's mask
+    # head on the positive ROIs the targets layer found (a shape known at run time: CPU, GPU);
+    # "static" on all MAX_POSITIVE_ROIS slots, padding included (fixed shapes: XLA, TPU;
+    # JIT_COMPILE true takes the static path whatever this says).
+    "MASK_HEAD_ROIS": ("dynamic", "str"),
 }
 DERIVED_KEYS = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
 # The keys that decide the shapes of the model's weights: what fetch-weights checks a file
@@ -325,7 +331,8 @@ def _validate(v: dict[str, Any]) -> None:
     check(v["NUM_CLASSES"] >= 2,
           f"NUM_CLASSES counts the background too: it must be at least 2, got {v['NUM_CLASSES']}")
     for key, choices in (("OPTIMIZER", OPTIMIZERS), ("NORM", NORMS), ("LR_DECAY", LR_DECAYS),
-                         ("MIXED_PRECISION", MIXED_PRECISIONS)):
+                         ("MIXED_PRECISION", MIXED_PRECISIONS),
+                         ("MASK_HEAD_ROIS", MASK_HEAD_ROIS)):
         check(v[key] in choices, f"{key} must be one of {', '.join(choices)}, got {v[key]!r}")
     check(v["LR_WARMUP_STEPS"] >= 0,
           f"LR_WARMUP_STEPS must be >= 0 (0: no warm-up), got {v['LR_WARMUP_STEPS']}")

@@ -60,11 +60,13 @@ def test_the_training_graph_feeds_the_mask_head_norms_the_positive_slots_validit
 
     config = Config.from_yaml("configs/demo.yaml", ["FPN_CLASSIF_FC_LAYERS_SIZE=64",
                                                     "TOP_DOWN_PYRAMID_SIZE=32", "NORM=batch"])
-    model = MaskRCNN("training", config).keras_model
-    for i in range(1, 5):
-        layer = model.get_layer(f"mrcnn_mask_bn{i}")
-        assert isinstance(layer, RoiBatchNorm)
-        x, valid = layer._inbound_nodes[0].input_tensors
-        assert valid is model.get_layer("positive_valid").output
+    for rois, validity in (("dynamic", lambda m: m.get_layer("positive_rois").output[2]),
+                           ("static", lambda m: m.get_layer("positive_valid").output)):
+        model = MaskRCNN("training", config.replace(MASK_HEAD_ROIS=rois)).keras_model
+        for i in range(1, 5):
+            layer = model.get_layer(f"mrcnn_mask_bn{i}")
+            assert isinstance(layer, RoiBatchNorm)
+            x, valid = layer._inbound_nodes[0].input_tensors
+            assert valid is validity(model)
     grouped = MaskRCNN("training", config.replace(NORM="group")).keras_model
     assert isinstance(grouped.get_layer("mrcnn_mask_bn1").layer, keras.layers.GroupNormalization)

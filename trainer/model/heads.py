@@ -6,6 +6,8 @@ TimeDistributed (one application per ROI), so weights carry over from matterport
 
 from __future__ import annotations
 
+import keras
+import tensorflow as tf
 from keras import layers
 
 from trainer.model.batch_norm import RoiBatchNorm
@@ -47,7 +49,8 @@ def classifier_head(rois, feature_maps, image_meta, *, pool_size: int, num_class
 
 
 def mask_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: int,
-              train_bn: bool, roi_valid=None, norm: str = "batch", dtype=None):
+              train_bn: bool, roi_valid=None, norm: str = "batch", dtype=None,
+              image_indices=None):
     """rois float32 [B, R, 4] normalised -> mask logits [B, R, 2 * pool, 2 * pool, num_classes].
 
     roi_valid: bool [B, R], the slots holding real ROIs (default: non-zero boxes). With
@@ -57,11 +60,14 @@ def mask_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: in
     which is exact where the sigmoid saturates; inference applies the sigmoid after it.
     dtype: the Keras dtype policy of the convolutions (None: the global one); the ROI pooling
     stays float32, the logits come out in dtype's compute dtype.
+    image_indices: int32 [1, N] with rois [1, N, 4] (`PositiveRois`' outputs): the image of
+    the batch each ROI crops from.
     """
     if roi_valid is None:
         roi_valid = layers.Lambda(lambda r: r[..., 2] > r[..., 0], name="mask_roi_valid")(rois)
-    x = PyramidROIAlign((pool_size, pool_size), name="roi_align_mask")(
-        [rois, image_meta, *feature_maps])
+    by_image = [] if image_indices is None else [image_indices]
+    x = PyramidROIAlign((pool_size, pool_size), image_indices=image_indices is not None,
+                        name="roi_align_mask")([rois, *by_image, image_meta, *feature_maps])
     for i in range(1, 5):
         x = TimeDistributed(layers.Conv2D(256, 3, padding="same", dtype=dtype),
                             name=f"mrcnn_mask_conv{i}", dtype=dtype)(x)
@@ -76,3 +82,63 @@ def mask_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: in
                         name="mrcnn_mask_deconv", dtype=dtype)(x)
     return TimeDistributed(layers.Conv2D(num_classes, 1, dtype=dtype), name="mrcnn_mask",
                            dtype=dtype)(x)
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class PositiveRois(keras.layers.Layer):
+    """The positive ROIs of a batch in one row, padding slots left out (no weights).
+
+    Inputs: [rois float32 [B, T, 4], valid bool [B, T]]; the first `slots` columns are the
+    positive slots. Outputs: rois [1, N, 4], their image indices int32 [1, N] and validity
+    bool [1, N], and their slots int32 [N, (image, slot)] for `ToSlots`. N is the number of
+    positives found, known at run time; when none is found, N is 1: slot (0, 0), not valid (a
+    convolution over an empty batch fails on CPU). The mask head then runs on real ROIs only.
+    """
+
+    def __init__(self, slots: int, **kwargs):
+        super().__init__(**kwargs)
+        self.slots = int(slots)
+
+    def call(self, inputs):
+        rois, valid = inputs
+        valid = valid[:, : self.slots]
+        where = tf.cast(tf.where(valid), tf.int32)  # [N, 2], row-major
+        where = tf.cond(tf.shape(where)[0] > 0, lambda: where,
+                        lambda: tf.zeros([1, 2], tf.int32))
+        picked = tf.gather_nd(rois[:, : self.slots], where)
+        return [picked[None], where[None, :, 0], tf.gather_nd(valid, where)[None], where]
+
+    def compute_output_shape(self, input_shape):
+        return [(1, None, 4), (1, None), (1, None), (None, 2)]
+
+    def compute_output_spec(self, inputs):
+        shapes = self.compute_output_shape(None)
+        dtypes = ["float32", "int32", "bool", "int32"]
+        return [keras.KerasTensor(s, dtype=d) for s, d in zip(shapes, dtypes, strict=True)]
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "slots": self.slots}
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class ToSlots(keras.layers.Layer):
+    """Puts `PositiveRois`' per-ROI results back in their slots, zeros elsewhere (no weights).
+
+    Inputs: [values [1, N, ...], slots int32 [N, 2], like [B, T, ...]: any tensor whose first
+    axis gives B]. Output: [B, slots, ...].
+    """
+
+    def __init__(self, slots: int, **kwargs):
+        super().__init__(**kwargs)
+        self.slots = int(slots)
+
+    def call(self, inputs):
+        values, where, like = inputs
+        shape = tf.concat([tf.shape(like)[:1], [self.slots], tf.shape(values)[2:]], axis=0)
+        return tf.scatter_nd(where, values[0], shape)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[2][0], self.slots, *input_shape[0][2:])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "slots": self.slots}

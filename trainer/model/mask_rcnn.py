@@ -18,7 +18,7 @@ from trainer.model.backbone import resnet_graph
 from trainer.model.box_ops import NormBoxes
 from trainer.model.detection import DetectionLayer
 from trainer.model.fpn import fpn_graph
-from trainer.model.heads import classifier_head, mask_head
+from trainer.model.heads import PositiveRois, ToSlots, classifier_head, mask_head
 from trainer.model.image_meta import parse_image_meta
 from trainer.model.proposals import ProposalLayer
 from trainer.model.rpn import build_rpn_model, rpn_graph
@@ -93,14 +93,25 @@ def build_training_model(config: Config) -> MaskRCNNTrainingModel:
     # Only positive ROIs (the first MAX_POSITIVE_ROIS slots) have mask targets: running the
     # mask head on the others would cost most of the step and change nothing. Its BatchNorm
     # statistics come from the slots that hold a positive ROI (not from padding).
-    positive_rois = layers.Lambda(lambda r: r[:, : config.MAX_POSITIVE_ROIS],
-                                  name="positive_rois")(rois)
-    positive_valid = layers.Lambda(lambda v: v[:, : config.MAX_POSITIVE_ROIS],
-                                   name="positive_valid")(roi_valid)
-    mask_logits = mask_head(positive_rois, feature_maps, meta, pool_size=config.MASK_POOL_SIZE,
-                            num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN,
-                            roi_valid=positive_valid, norm=config.NORM,
-                            dtype=compute_policy(config))
+    slots = config.MAX_POSITIVE_ROIS
+    # XLA needs fixed shapes: JIT_COMPILE takes the static path.
+    if config.MASK_HEAD_ROIS == "dynamic" and not config.JIT_COMPILE:  # the positives found
+        found_rois, found_images, found_valid, found_slots = PositiveRois(
+            slots, name="positive_rois")([rois, roi_valid])
+        found_logits = mask_head(found_rois, feature_maps, meta,
+                                 pool_size=config.MASK_POOL_SIZE, num_classes=config.NUM_CLASSES,
+                                 train_bn=config.TRAIN_BN, roi_valid=found_valid,
+                                 norm=config.NORM, image_indices=found_images,
+                                 dtype=compute_policy(config))
+        mask_logits = ToSlots(slots, name="positive_slots")(
+            [found_logits, found_slots, roi_valid])
+    else:  # all MAX_POSITIVE_ROIS slots: fixed shapes for XLA
+        positive_rois = layers.Lambda(lambda r: r[:, :slots], name="positive_rois")(rois)
+        positive_valid = layers.Lambda(lambda v: v[:, :slots], name="positive_valid")(roi_valid)
+        mask_logits = mask_head(positive_rois, feature_maps, meta,
+                                pool_size=config.MASK_POOL_SIZE, num_classes=config.NUM_CLASSES,
+                                train_bn=config.TRAIN_BN, roi_valid=positive_valid,
+                                norm=config.NORM, dtype=compute_policy(config))
     outputs = {
         "rpn_class_logits": rpn_class_logits,
         "rpn_bbox": rpn_bbox,

@@ -111,23 +111,31 @@ class PyramidROIAlign(keras.layers.Layer):
     """Pools each ROI from the P2..P5 level its size selects.
 
     Inputs: [boxes float32 [B, N, (y1, x1, y2, x2)] normalised, image_meta [B, META],
-    P2, P3, P4, P5]. Output: float32 [B, N, pool_h, pool_w, C]. No weights.
+    P2, P3, P4, P5]; with `image_indices`, [boxes, image_indices int32 [B', N], image_meta,
+    P2..P5], each box cropping from the maps' image its index names (boxes of several images
+    in one row). Output: float32 [B, N, pool_h, pool_w, C]. No weights.
     """
 
-    def __init__(self, pool_shape: tuple[int, int], **kwargs):
+    def __init__(self, pool_shape: tuple[int, int], image_indices: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.pool_shape = tuple(pool_shape)
+        self.image_indices = bool(image_indices)
 
     def call(self, inputs):
-        boxes, image_meta, *feature_maps = inputs
+        if self.image_indices:
+            boxes, image_indices, image_meta, *feature_maps = inputs
+        else:
+            (boxes, image_meta, *feature_maps), image_indices = inputs, None
         boxes = tf.stop_gradient(boxes)  # proposals are not trained through the crop
         # All images of a batch share one padded shape: the first image's meta gives it.
         image_shape = parse_image_meta(image_meta)["image_shape"][0]
         levels = tf.stop_gradient(pyramid_levels(boxes, image_shape))
-        return multilevel_crop_and_resize(feature_maps, boxes, levels, self.pool_shape)
+        return multilevel_crop_and_resize(feature_maps, boxes, levels, self.pool_shape,
+                                          image_indices=image_indices)
 
     def compute_output_shape(self, input_shape):
-        return (*input_shape[0][:2], *self.pool_shape, input_shape[2][-1])
+        return (*input_shape[0][:2], *self.pool_shape, input_shape[-1][-1])
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "pool_shape": list(self.pool_shape)}
+        return {**super().get_config(), "pool_shape": list(self.pool_shape),
+                "image_indices": self.image_indices}

@@ -1,0 +1,73 @@
+"""MASK_HEAD_ROIS only changes how the training graph runs the mask head: on the positives
+found ("dynamic") or on every positive slot, padding included ("static"). Same weights, same
+losses, same gradients; and an image with no positive ROI at all still trains."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer.config import Config
+from trainer.data import shapes
+from trainer.data.memory import examples_dataset
+from trainer.model.mask_rcnn import build_training_model
+
+OVERRIDES = ["NORM=batch", "TRAIN_BN=true", "TOP_DOWN_PYRAMID_SIZE=64",
+             "FPN_CLASSIF_FC_LAYERS_SIZE=64", "PROPOSALS_INCLUDE_GT=true"]
+
+
+def losses_and_gradients(model, batch):
+    tf.random.set_seed(7)  # the same ROI sampling in both graphs
+    with tf.GradientTape() as tape:
+        outputs = model(batch, training=True)
+        values = model.compute_losses(batch, outputs)
+        total = tf.add_n(list(values.values()))
+    # layer name / weight name: the wrapped layers' own names differ between two graphs
+    names = [f"{v.path.split('/')[0]}/{v.path.split('/')[-1]}"
+             for v in model.trainable_variables]
+    gradients = tape.gradient(total, model.trainable_variables)
+    return ({k: float(v) for k, v in values.items()},
+            {n: g for n, g in zip(names, gradients, strict=True) if "mrcnn_mask" in n},
+            outputs)
+
+
+def build_pair(overrides, static_too: bool = True):
+    keras.utils.set_random_seed(0)
+    config = Config.from_yaml("configs/demo.yaml", overrides)
+    dynamic = build_training_model(config.replace(MASK_HEAD_ROIS="dynamic"))
+    static = None
+    if static_too:
+        static = build_training_model(config.replace(MASK_HEAD_ROIS="static"))
+        for layer in [la for la in dynamic.layers if la.weights]:  # by name, as checkpoints do
+            static.get_layer(layer.name).set_weights(layer.get_weights())
+    samples = [shapes.generate_sample(seed, 128, 128, 2, 3) for seed in (3, 4)]
+    batch = next(iter(examples_dataset(samples, config)))
+    return dynamic, static, batch
+
+
+@pytest.mark.slow
+def test_dynamic_and_static_mask_head_give_the_same_losses_and_gradients():
+    dynamic, static, batch = build_pair(OVERRIDES)
+    loss_d, grad_d, out_d = losses_and_gradients(dynamic, batch)
+    loss_s, grad_s, out_s = losses_and_gradients(static, batch)
+    valid = np.asarray(out_s["roi_valid"])[:, : out_s["target_mask"].shape[1]]
+    assert valid.sum() > 0  # ground-truth boxes are among the ROIs: positives exist
+    np.testing.assert_allclose(np.asarray(out_d["rois"]), np.asarray(out_s["rois"]))
+    np.testing.assert_allclose(np.asarray(out_d["mrcnn_mask_logits"])[valid],
+                               np.asarray(out_s["mrcnn_mask_logits"])[valid],
+                               rtol=1e-4, atol=1e-4)
+    assert loss_d == pytest.approx(loss_s, rel=1e-4, abs=1e-6)
+    assert grad_d.keys() == grad_s.keys() and len(grad_d) >= 12
+    for name in grad_d:
+        np.testing.assert_allclose(np.asarray(grad_d[name]), np.asarray(grad_s[name]),
+                                   rtol=1e-3, atol=1e-6, err_msg=name)
+
+
+def test_no_positive_roi_trains_with_a_zero_mask_loss():
+    dynamic, _, batch = build_pair(OVERRIDES, static_too=False)  # no object: no positive ROI
+    batch = dict(batch, input_gt_class_ids=tf.zeros_like(batch["input_gt_class_ids"]))
+    losses, gradients, outputs = losses_and_gradients(dynamic, batch)
+    assert losses["mrcnn_mask_loss"] == 0.0
+    assert all(np.isfinite(v) for v in losses.values())
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in gradients.values() if g is not None)
+
