@@ -122,7 +122,10 @@ def main() -> None:
     parser.add_argument("--setting-256", action="store_true",
                         help="add SETTING_256 (issue 13's side-by-side setting) to --set")
     args = parser.parse_args()
-    settings = [f"MIXED_PRECISION={args.precision}", f"JIT_COMPILE={str(args.jit).lower()}"]
+    # Only what differs from the config: an older checkout (side_by_side.py --before) knows
+    # neither key.
+    settings = ([f"MIXED_PRECISION={args.precision}"] if args.precision != "none" else []) + \
+        (["JIT_COMPILE=true"] if args.jit else [])
     if args.setting_256:
         args.overrides = [*SETTING_256, *args.overrides]
     runs = [(args.config, args.overrides)] if args.config else [
