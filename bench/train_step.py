@@ -51,8 +51,8 @@ def training_setup(config_path: str, overrides: list[str]):
     keras_model = MaskRCNN("training", config).keras_model
     # Matterport's SGD (with float16's loss scaling when MIXED_PRECISION asks for it).
     sgd = config.replace(OPTIMIZER="sgd", LR_WARMUP_STEPS=0, LR_DECAY="none")
-    keras_model.compile(optimizer=make_optimizer(config.LEARNING_RATE, sgd),
-                        jit_compile=config.JIT_COMPILE)
+    jit = getattr(config, "JIT_COMPILE", False)  # an older checkout's Config has no such key
+    keras_model.compile(optimizer=make_optimizer(config.LEARNING_RATE, sgd), jit_compile=jit)
     return config, keras_model, batches
 
 
