@@ -67,7 +67,8 @@ def seconds_per_step(keras_model, batches, steps: int, warmup: int) -> float:
 
 
 def seconds_per_detect(config_path: str, overrides: list[str], steps: int, warmup: int):
-    """(config, mean seconds of `MaskRCNN.detect()` on one image) after `warmup` calls."""
+    """(config, the inference Keras model, mean seconds of `MaskRCNN.detect()` on one image)
+    after `warmup` calls."""
     from trainer import Config, MaskRCNN
     from trainer.data import shapes
 
@@ -80,13 +81,13 @@ def seconds_per_detect(config_path: str, overrides: list[str], steps: int, warmu
     start = time.perf_counter()
     for i in range(steps):
         model.detect([images[i % len(images)]])
-    return config, (time.perf_counter() - start) / steps
+    return config, model.keras_model, (time.perf_counter() - start) / steps
 
 
 def measure(config_path: str, overrides: list[str], steps: int, warmup: int,
             infer: bool = False) -> dict:
     if infer:
-        config, seconds = seconds_per_detect(config_path, overrides, steps, warmup)
+        config, keras_model, seconds = seconds_per_detect(config_path, overrides, steps, warmup)
     else:
         config, keras_model, batches = training_setup(config_path, overrides)
         seconds = seconds_per_step(keras_model, batches, steps, warmup)
@@ -100,7 +101,7 @@ def measure(config_path: str, overrides: list[str], steps: int, warmup: int,
         "batch_size": config.BATCH_SIZE,
         "steps": steps,
         "precision": keras_model.get_layer("conv1").compute_dtype,
-        "jit_compile": bool(keras_model.jit_compile),
+        "jit_compile": False if infer else bool(keras_model.jit_compile),
         "seconds_per_step": round(seconds, 4),
         "images_per_second": round(config.BATCH_SIZE / seconds, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
