@@ -21,6 +21,12 @@ _multi_worker: tf.distribute.MultiWorkerMirroredStrategy | None = None
 def cluster_task(workers: int) -> tuple[str, int] | None:
     """This process's (task type, index) in TF_CONFIG's cluster, checked to hold `workers`
     chief + worker tasks; None when `workers` is 1 (TF_CONFIG is then ignored)."""
+    found = _task_in_cluster(workers)
+    return None if found is None else found[:2]
+
+
+def _task_in_cluster(workers: int) -> tuple[str, int, dict] | None:
+    """cluster_task's (type, index) and TF_CONFIG's cluster, TF_CONFIG read and checked once."""
     if workers == 1:
         return None
     text = os.environ.get("TF_CONFIG", "")
@@ -43,18 +49,17 @@ def cluster_task(workers: int) -> tuple[str, int] | None:
         raise fail(f"its cluster has {tasks}")
     if kind not in ("chief", "worker"):
         raise fail(f"task type {kind!r} trains nothing (chief or worker)")
-    return kind, index
+    return kind, index, cluster
 
 
 def is_chief(config) -> bool:
     """Whether this process writes checkpoints, TensorBoard logs and MLflow records: always
     with one worker; with several, the "chief" task, or worker 0 when the cluster names no
     chief (TensorFlow's rule)."""
-    task = cluster_task(config.WORKERS)
-    if task is None:
+    found = _task_in_cluster(config.WORKERS)
+    if found is None:
         return True
-    kind, index = task
-    cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
+    kind, index, cluster = found
     return kind == "chief" or (kind == "worker" and index == 0 and not cluster.get("chief"))
 
 
