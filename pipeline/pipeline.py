@@ -26,7 +26,8 @@ With `workers` > 1 each training stage runs instead as a Kubeflow TFJob of `work
 (1 chief + workers-1 workers, each with gpu_count GPUs, the same pool, image, checkpoint claim
 and MLflow settings), which a CPU-only task `train_tfjob` creates, watches and deletes
 (trainer/stages/tfjob.py); the claim must then be ReadWriteMany. The choice is one dsl.If /
-dsl.Else on `workers` around the whole chain train-heads -> train-all -> evaluate (`_train_chain`):
+dsl.Else on `workers` around the whole chain train-heads -> train-all -> evaluate ->
+clean-checkpoints (`_train_chain`):
 kfp 2.17.3's local runner cannot resolve a dsl.OneOf of artifacts, which one condition per
 stage would need, so each branch has its own evaluate.
 """
@@ -43,6 +44,7 @@ from components import (
     train,
     train_tfjob,
 )
+from trainer.stages.tfjob import SERVICE_ACCOUNT_ENV
 from trainer.stages.tracking import RUN_ID_ENV, WORKFLOW_ENV
 
 PIPELINE_NAME = "mask-rcnn"
@@ -57,7 +59,6 @@ CLEANUP_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 TRAIN_RETRIES = 3  # preemptions survived per training task
 # The TFJob launcher (workers > 1): a CPU-only task that mostly waits.
 LAUNCHER_RESOURCES = {"cpu": "1", "memory": "2Gi"}
-SERVICE_ACCOUNT_ENV = "MRCNN_SERVICE_ACCOUNT"  # trainer.stages.tfjob.SERVICE_ACCOUNT_ENV
 DEMO_CONFIG = "configs/demo.yaml"  # a preset inside the image
 # MLflow's basic-auth user of the pipeline (keys username, password), created out of band.
 MLFLOW_CREDENTIALS_SECRET = "mlflow-pipeline-credentials"
