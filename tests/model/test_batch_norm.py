@@ -70,3 +70,54 @@ def test_the_training_graph_feeds_the_mask_head_norms_the_positive_slots_validit
             assert valid is validity(model)
     grouped = MaskRCNN("training", config.replace(NORM="group")).keras_model
     assert isinstance(grouped.get_layer("mrcnn_mask_bn1").layer, keras.layers.GroupNormalization)
+
+
+def _keras_reference(x, gamma, beta, trainable=True):
+    """Keras's own BatchNormalization in training mode: outputs, gradients, moving stats."""
+    layer = keras.layers.BatchNormalization()
+    return _train_once(layer, x, gamma, beta, trainable)
+
+
+def _train_once(layer, x, gamma, beta, trainable=True):
+    layer.build(x.shape)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    layer.trainable = trainable
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(y * tf.sin(y))  # a gradient that differs per element
+    grads = tape.gradient(loss, [x, *layer.trainable_weights])
+    return [y, *grads, layer.moving_mean, layer.moving_variance]
+
+
+def test_batch_statistics_run_as_one_fused_op_with_keras_numbers():
+    rng = np.random.default_rng(1)
+    for shape in [(2, 16, 16, 8), (3, 5, 7, 7, 4), (6, 4)]:  # backbone, TimeDistributed, FC
+        x = tf.constant(rng.normal(1.0, 3.0, size=shape), tf.float32)
+        gamma = rng.uniform(0.5, 1.5, size=shape[-1]).astype(np.float32)
+        beta = np.full(shape[-1], 0.3, np.float32)
+        for trainable in (True, False):  # False: a layer frozen by train(layers=...)
+            ours = _train_once(BatchNorm(train_bn=True), x, gamma, beta, trainable)
+            expected = _keras_reference(x, gamma, beta)
+            if not trainable:  # no gradients for frozen gamma and beta
+                expected = [expected[0], expected[1], *expected[4:]]
+            assert len(ours) == len(expected)
+            for got, want in zip(ours, expected):
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                                           rtol=1e-4, atol=1e-3 * np.abs(want).max())
+
+    norm = BatchNorm(train_bn=True)
+    norm.build((2, 8, 8, 4))
+    graph = tf.function(lambda v: norm(v, training=True)).get_concrete_function(
+        tf.TensorSpec((2, 8, 8, 4), tf.float32)).graph
+    kinds = {op.type for op in graph.get_operations()}
+    assert "FusedBatchNormV3" in kinds and "Rsqrt" not in kinds, sorted(kinds)
+
+
+def test_fused_batch_statistics_of_a_single_element_update_the_moving_variance_finitely():
+    norm = BatchNorm(train_bn=True)
+    out = norm(np.array([[5.0]], np.float32), training=True)
+    assert np.all(np.isfinite(out.numpy()))
+    np.testing.assert_allclose(norm.moving_variance.numpy(), [0.99], rtol=1e-6)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), [0.05], rtol=1e-5)

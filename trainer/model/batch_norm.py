@@ -31,9 +31,38 @@ class BatchNorm(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if not (training and self.train_bn):
             return super().call(inputs, training=False, mask=mask)
+        if mask is None and self._fusable(inputs.shape.rank):
+            return self._fused_batch_statistics(inputs)
         if self.trainable:
             return super().call(inputs, training=True, mask=mask)
         return self._normalise_with_batch_statistics(inputs, None)
+
+    def _fusable(self, rank: int) -> bool:
+        """Channels last, gamma and beta, no renorm or cross-replica statistics, and an
+        epsilon the fused op accepts as given (it raises smaller ones to 1.001e-5)."""
+        return (self.axis in (-1, rank - 1) and self.center and self.scale
+                and not self.renorm and not self.synchronized and self.epsilon >= 1.001e-5)
+
+    def _fused_batch_statistics(self, inputs):
+        """Batch statistics as one FusedBatchNormV3 op (and one gradient op) instead of
+        Keras's twenty-odd elementwise ops and reductions, each a pass over the activation:
+        the same outputs, gradients and moving-statistics update (Keras 3 moves the moving
+        variance towards the biased batch variance; the fused op returns the unbiased one,
+        which is scaled back). A frozen layer (gamma and beta not trainable) gets no gradients
+        for them: the tape does not watch them."""
+        inputs = tf.cast(inputs, tf.float32)
+        channels = inputs.shape[-1]
+        flat = tf.reshape(inputs, [1, -1, 1, channels])  # any rank: statistics over all but C
+        outputs, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
+            flat, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32),
+            epsilon=self.epsilon, data_format="NHWC", is_training=True)
+        count = tf.cast(tf.shape(flat)[1], tf.float32)
+        # One element per channel: the unbiased variance is undefined, the biased one 0.
+        variance = tf.where(count > 1.0, unbiased * (count - 1.0) / count, 0.0)
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return tf.cast(tf.reshape(outputs, tf.shape(inputs)), self.compute_dtype)
 
     def _normalise_with_batch_statistics(self, inputs, weights):
         """Batch statistics (over the `weights` [..., 1] > 0 elements when given); the moving
