@@ -172,6 +172,10 @@ def test_xla_compiled_step_matches_the_graph_step(float32_step):
                                                                     strict=True))
     xla = MaskRCNN("training", config.replace(JIT_COMPILE=True)).keras_model
     assert sorted(path(weight) for weight in xla.weights) == sorted(paths)
+    # XLA has no CropAndResize kernel: its ROIAlign gathers; the graph step's does not.
+    for name in ("roi_align_classifier", "roi_align_mask"):
+        assert xla.get_layer(name).sampler == "gather"
+        assert float32_model.get_layer(name).sampler == "crop_and_resize"
     model, losses = one_step(config.replace(JIT_COMPILE=True),
                              [start[path(weight)] for weight in xla.weights], batch, xla)
     assert model.jit_compile is True  # no layer opted out: the whole step ran under XLA

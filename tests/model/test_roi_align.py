@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.model.image_meta import compose_image_meta
-from trainer.model.roi_align import PyramidROIAlign, pyramid_levels
+from trainer.model.roi_align import PyramidROIAlign, multilevel_crop_and_resize, pyramid_levels
 
 
 def numpy_crop(feature: np.ndarray, box, size: tuple[int, int]) -> np.ndarray:
@@ -50,19 +50,40 @@ def test_pyramid_roi_align_matches_numpy_reference():
     meta = np.stack([compose_image_meta(0, [image_side, image_side, 3],
                                         [image_side, image_side, 3], [0, 0, 256, 256], 1.0,
                                         np.ones(4)).numpy()] * 2)
-    layer = PyramidROIAlign((7, 7))
-    pooled = layer([tf.constant(boxes), tf.constant(meta), *map(tf.constant, maps)]).numpy()
-    assert pooled.shape == (2, 4, 7, 7, 5)
+    for sampler in ("gather", "crop_and_resize"):
+        layer = PyramidROIAlign((7, 7), sampler=sampler)
+        pooled = layer([tf.constant(boxes), tf.constant(meta), *map(tf.constant, maps)]).numpy()
+        assert pooled.shape == (2, 4, 7, 7, 5)
 
-    for b in range(2):
-        for n in range(4):
-            y1, x1, y2, x2 = boxes[b, n]
-            # FPN equation 1, written out independently: k = 4 + log2(sqrt(wh) / 224), in pixels.
-            side = math.sqrt(max((y2 - y1) * (x2 - x1), 1e-12)) * image_side
-            level = min(5, max(2, 4 + int(np.round(math.log2(side / 224.0)))))
-            expected = numpy_crop(maps[level - 2][b], boxes[b, n], (7, 7))
-            np.testing.assert_allclose(pooled[b, n], expected, rtol=1e-4, atol=1e-5,
-                                       err_msg=f"box {b},{n} at P{level}")
+        for b in range(2):
+            for n in range(4):
+                y1, x1, y2, x2 = boxes[b, n]
+                # FPN equation 1, written out independently: k = 4 + log2(sqrt(wh) / 224).
+                side = math.sqrt(max((y2 - y1) * (x2 - x1), 1e-12)) * image_side
+                level = min(5, max(2, 4 + int(np.round(math.log2(side / 224.0)))))
+                expected = numpy_crop(maps[level - 2][b], boxes[b, n], (7, 7))
+                np.testing.assert_allclose(pooled[b, n], expected, rtol=1e-4, atol=1e-5,
+                                           err_msg=f"{sampler}: box {b},{n} at P{level}")
+
+
+def test_both_samplers_give_the_same_crops_and_feature_gradients():
+    rng = np.random.default_rng(3)
+    maps = [tf.constant(rng.normal(size=(2, s, s, 4)), tf.float32) for s in (32, 16, 8, 4)]
+    corner = rng.uniform(-0.1, 0.9, size=(3, 6, 2))
+    boxes = tf.constant(np.concatenate([corner, corner + rng.uniform(0, 0.5, (3, 6, 2))], -1)
+                        [..., [0, 1, 2, 3]], tf.float32)
+    levels = tf.constant(rng.integers(0, 4, (3, 6)), tf.int32)
+    images = tf.constant(rng.integers(0, 2, (3, 6)), tf.int32)  # rows mixing both images
+    results = []
+    for sampler in ("gather", "crop_and_resize"):
+        with tf.GradientTape() as tape:
+            tape.watch(maps)
+            crops = multilevel_crop_and_resize(maps, boxes, levels, (7, 7), images, sampler)
+            loss = tf.reduce_sum(crops * tf.sin(crops))  # a gradient that differs per sample
+        results.append([crops, *tape.gradient(loss, maps)])
+    assert results[0][0].shape == (3, 6, 7, 7, 4)
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_levels_follow_box_size():
@@ -77,8 +98,6 @@ def test_roi_align_matches_tf_crop_and_resize_single_level():
     rng = np.random.default_rng(2)
     feature = rng.normal(size=(1, 16, 12, 3)).astype(np.float32)
     boxes = np.array([[0.1, 0.2, 0.7, 0.9], [0.0, 0.0, 1.0, 1.0]], np.float32)
-    from trainer.model.roi_align import multilevel_crop_and_resize
-
     ours = multilevel_crop_and_resize([tf.constant(feature)], tf.constant(boxes[None]),
                                       tf.zeros([1, 2], tf.int32), (5, 4)).numpy()[0]
     theirs = tf.image.crop_and_resize(feature, boxes, [0, 0], (5, 4)).numpy()

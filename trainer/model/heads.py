@@ -17,15 +17,16 @@ from trainer.model.time_distributed import TimeDistributed
 
 
 def classifier_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: int,
-                    train_bn: bool, fc_size: int = 1024, norm: str = "batch", dtype=None):
+                    train_bn: bool, fc_size: int = 1024, norm: str = "batch", dtype=None,
+                    sampler: str = "gather"):
     """rois float32 [B, R, 4] normalised -> (class logits [B, R, num_classes],
     class probabilities [B, R, num_classes], box deltas [B, R, num_classes, 4]).
     norm: "batch" (matterport) or "group" (GroupNorm in the `mrcnn_class_bn*` slots).
     dtype: the Keras dtype policy of the convolutions and dense layers (None: the global one);
     the ROI pooling, the probabilities and the box deltas stay float32 (logits are in dtype's
-    compute dtype: the loss casts them)."""
+    compute dtype: the loss casts them). sampler: the ROIAlign's (see `roi_align`)."""
     num_rois = rois.shape[1]
-    x = PyramidROIAlign((pool_size, pool_size), name="roi_align_classifier")(
+    x = PyramidROIAlign((pool_size, pool_size), sampler=sampler, name="roi_align_classifier")(
         [rois, image_meta, *feature_maps])
     x = TimeDistributed(layers.Conv2D(fc_size, pool_size, padding="valid", dtype=dtype),
                         name="mrcnn_class_conv1", dtype=dtype)(x)
@@ -50,7 +51,7 @@ def classifier_head(rois, feature_maps, image_meta, *, pool_size: int, num_class
 
 def mask_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: int,
               train_bn: bool, roi_valid=None, norm: str = "batch", dtype=None,
-              image_indices=None):
+              image_indices=None, sampler: str = "gather"):
     """rois float32 [B, R, 4] normalised -> mask logits [B, R, 2 * pool, 2 * pool, num_classes].
 
     roi_valid: bool [B, R], the slots holding real ROIs (default: non-zero boxes). With
@@ -61,13 +62,14 @@ def mask_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: in
     dtype: the Keras dtype policy of the convolutions (None: the global one); the ROI pooling
     stays float32, the logits come out in dtype's compute dtype.
     image_indices: int32 [1, N] with rois [1, N, 4] (`PositiveRois`' outputs): the image of
-    the batch each ROI crops from.
+    the batch each ROI crops from. sampler: the ROIAlign's (see `roi_align`).
     """
     if roi_valid is None:
         roi_valid = layers.Lambda(lambda r: r[..., 2] > r[..., 0], name="mask_roi_valid")(rois)
     by_image = [] if image_indices is None else [image_indices]
     x = PyramidROIAlign((pool_size, pool_size), image_indices=image_indices is not None,
-                        name="roi_align_mask")([rois, *by_image, image_meta, *feature_maps])
+                        sampler=sampler, name="roi_align_mask")(
+        [rois, *by_image, image_meta, *feature_maps])
     for i in range(1, 5):
         x = TimeDistributed(layers.Conv2D(256, 3, padding="same", dtype=dtype),
                             name=f"mrcnn_mask_conv{i}", dtype=dtype)(x)

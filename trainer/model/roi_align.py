@@ -1,9 +1,14 @@
-"""ROIAlign over the feature pyramid, with gathers only (XLA-friendly; no CropAndResize kernel).
+"""ROIAlign over the feature pyramid, by `tf.image.crop_and_resize` or by gathers.
 
-Sampling follows `tf.image.crop_and_resize` (what matterport's weights were trained with): a
-box (y1, x1, y2, x2) in normalised coordinates is sampled on a regular grid of `crop_size`
-points whose first and last points lie on the box edges, in feature coordinates scaled by
-(size - 1), with bilinear interpolation and zeros for points outside the map.
+Sampling is `tf.image.crop_and_resize`'s (what matterport's weights were trained with): a box
+(y1, x1, y2, x2) in normalised coordinates is sampled on a regular grid of `crop_size` points
+whose first and last points lie on the box edges, in feature coordinates scaled by (size - 1),
+with bilinear interpolation and zeros for points outside the map.
+
+Two samplers compute it. "crop_and_resize" (CPU and GPU) runs TensorFlow's kernel per pyramid
+level; its gradient kernel adds into the feature map's gradient directly. "gather" uses
+gathers only, for XLA (JIT_COMPILE, TPUs), which has no CropAndResize kernel; its gradient
+holds four copies of the crops (one per bilinear corner) before summing them into the map's.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ def multilevel_crop_and_resize(
     levels: tf.Tensor,
     crop_size: tuple[int, int],
     image_indices: tf.Tensor | None = None,
+    sampler: str = "gather",
 ) -> tf.Tensor:
     """Bilinear crops of each box from the feature map of its level.
 
@@ -40,8 +46,13 @@ def multilevel_crop_and_resize(
     levels: int32 [B, N], index into `feature_maps` for each box
     image_indices: int32 [B, N], the image of the maps' batch each box crops from (default:
       box row b crops from image b)
+    sampler: "gather" or "crop_and_resize" (the module docstring).
     Returns float32 [B, N, crop_h, crop_w, C].
     """
+    if sampler == "crop_and_resize":
+        return _crop_and_resize_by_level(feature_maps, boxes, levels, crop_size, image_indices)
+    if sampler != "gather":
+        raise ValueError(f"unknown ROIAlign sampler {sampler!r}: gather or crop_and_resize")
     crop_h, crop_w = crop_size
     num_images = tf.shape(feature_maps[0])[0]
     batch = tf.shape(boxes)[0]
@@ -92,6 +103,28 @@ def multilevel_crop_and_resize(
     return crops * inside[..., None]
 
 
+def _crop_and_resize_by_level(feature_maps, boxes, levels, crop_size, image_indices):
+    """`multilevel_crop_and_resize` by one `tf.image.crop_and_resize` per level over the boxes
+    of that level, put back in box order."""
+    batch, num_boxes = tf.shape(boxes)[0], tf.shape(boxes)[1]
+    if image_indices is None:
+        image_indices = tf.broadcast_to(tf.range(batch)[:, None], [batch, num_boxes])
+    flat_boxes = tf.reshape(boxes, [-1, 4])
+    flat_levels = tf.reshape(levels, [-1])
+    flat_images = tf.reshape(image_indices, [-1])
+    crops, order = [], []
+    for level, feature_map in enumerate(feature_maps):
+        chosen = tf.reshape(tf.where(tf.equal(flat_levels, level)), [-1])
+        crops.append(tf.image.crop_and_resize(
+            feature_map, tf.gather(flat_boxes, chosen), tf.gather(flat_images, chosen),
+            crop_size, method="bilinear", extrapolation_value=0.0))
+        order.append(chosen)
+    # The boxes sorted by level -> back in their own order.
+    crops = tf.gather(tf.concat(crops, axis=0),
+                      tf.math.invert_permutation(tf.cast(tf.concat(order, axis=0), tf.int32)))
+    return tf.reshape(crops, tf.concat([[batch, num_boxes], tf.shape(crops)[1:]], axis=0))
+
+
 def pyramid_levels(boxes: tf.Tensor, image_shape: tf.Tensor, min_level: int = 2,
                    max_level: int = 5) -> tf.Tensor:
     """FPN paper's equation 1: the pyramid level of each box, as an index from 0 (= P2).
@@ -116,10 +149,12 @@ class PyramidROIAlign(keras.layers.Layer):
     in one row). Output: float32 [B, N, pool_h, pool_w, C]. No weights.
     """
 
-    def __init__(self, pool_shape: tuple[int, int], image_indices: bool = False, **kwargs):
+    def __init__(self, pool_shape: tuple[int, int], image_indices: bool = False,
+                 sampler: str = "gather", **kwargs):
         super().__init__(**kwargs)
         self.pool_shape = tuple(pool_shape)
         self.image_indices = bool(image_indices)
+        self.sampler = sampler
 
     def call(self, inputs):
         if self.image_indices:
@@ -131,11 +166,11 @@ class PyramidROIAlign(keras.layers.Layer):
         image_shape = parse_image_meta(image_meta)["image_shape"][0]
         levels = tf.stop_gradient(pyramid_levels(boxes, image_shape))
         return multilevel_crop_and_resize(feature_maps, boxes, levels, self.pool_shape,
-                                          image_indices=image_indices)
+                                          image_indices=image_indices, sampler=self.sampler)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[0][:2], *self.pool_shape, input_shape[-1][-1])
 
     def get_config(self) -> dict:
         return {**super().get_config(), "pool_shape": list(self.pool_shape),
-                "image_indices": self.image_indices}
+                "image_indices": self.image_indices, "sampler": self.sampler}
