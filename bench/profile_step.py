@@ -4,6 +4,7 @@ measured fp32 matmul peak.
 
     python bench/profile_step.py                                   # demo preset
     python bench/profile_step.py --set BACKBONE=resnet50 --set IMAGE_MAX_DIM=256 ...
+    python bench/profile_step.py --top 30 ...     # and the 30 costliest ops by name
 
 Prints one JSON line: seconds per step (timed outside the profiler), per stage the share of
 the CPU time the step's ops took (forward and backward apart: backward ops are the ones
@@ -145,7 +146,8 @@ def rpn_head_macs(keras_model, config) -> int:
     return per_pixel * pixels * config.BATCH_SIZE
 
 
-def profile(config_path: str, overrides: list[str], steps: int, warmup: int) -> dict:
+def profile(config_path: str, overrides: list[str], steps: int, warmup: int,
+            top: int = 0) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -173,6 +175,7 @@ def profile(config_path: str, overrides: list[str], steps: int, warmup: int) -> 
         with open(path, "rb") as handle:
             space.ParseFromString(handle.read())
     cpu = collections.Counter()
+    by_op = collections.Counter()
     for plane in space.planes:
         names = plane.event_metadata
         for line in plane.lines:
@@ -184,6 +187,7 @@ def profile(config_path: str, overrides: list[str], steps: int, warmup: int) -> 
                     continue
                 direction = "backward" if name.startswith("gradient_tape/") else "forward"
                 cpu[(stage_of(name), direction)] += event.duration_ps
+                by_op[name.split(":")[0]] += event.duration_ps
     total_cpu = sum(cpu.values()) or 1
     shares = {stage: {d: round(cpu[(stage, d)] / total_cpu, 4) for d in ("forward", "backward")}
               for stage in STAGES}
@@ -202,6 +206,7 @@ def profile(config_path: str, overrides: list[str], steps: int, warmup: int) -> 
         "images_per_second": round(config.BATCH_SIZE / seconds, 3),
         "cpu_seconds_per_step_in_ops": round(total_cpu / 1e12 / steps, 3),
         "cpu_share_by_stage": shares,
+        "top_ops": {name: round(ps / total_cpu, 4) for name, ps in by_op.most_common(top)},
         "positive_rois_per_image": positives,
         "gflops_per_step": round(flops["total"] / 1e9, 2),
         "gflops_per_step_by_stage": {k: round(v / 1e9, 2) for k, v in flops["by_stage"].items()},
@@ -219,8 +224,11 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--top", type=int, default=0,
+                        help="also list the N ops that took the most CPU time (share of it)")
     args = parser.parse_args()
-    print(json.dumps(profile(args.config, args.overrides, args.steps, args.warmup)), flush=True)
+    print(json.dumps(profile(args.config, args.overrides, args.steps, args.warmup,
+                             args.top)), flush=True)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ SETTING_256 = [
 def training_setup(config_path: str, overrides: list[str]):
     """(config, compiled keras model, an endless iterator of batches) for timing a training
     step: generated shapes, matterport's optimizer (SGD + momentum, global gradient clip)."""
+    import keras
+
     from trainer import Config, MaskRCNN
     from trainer.data import shapes
     from trainer.data.memory import examples_dataset
@@ -48,6 +50,9 @@ def training_setup(config_path: str, overrides: list[str]):
     side = int(config.IMAGE_SHAPE[0])
     samples = list(shapes.generate(max(8, config.BATCH_SIZE), seed=0, height=side, width=side))
     batches = iter(examples_dataset(samples, config))
+    # The same initial weights and sampling every run: the number of positive ROIs (the mask
+    # head's work) depends on them and moved the step time by 10 % from run to run.
+    keras.utils.set_random_seed(0)
     keras_model = MaskRCNN("training", config).keras_model
     # Matterport's SGD (with float16's loss scaling when MIXED_PRECISION asks for it).
     sgd = config.replace(OPTIMIZER="sgd", LR_WARMUP_STEPS=0, LR_DECAY="none")
