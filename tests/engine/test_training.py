@@ -124,7 +124,7 @@ def test_gradients_are_clipped_by_their_global_norm():
 
 
 def test_sgd_momentum_runs_in_place_with_keras_arithmetic():
-    """Our SGD's fused per-variable update takes Keras's SGD steps exactly, eager and traced."""
+    """Our SGD's fused per-variable update, traced, takes Keras's SGD steps exactly."""
     config = Config(GRADIENT_CLIP_NORM=5.0, LEARNING_MOMENTUM=0.9)
     rng = np.random.default_rng(0)
     grads = [[tf.constant(rng.normal(size=shape), tf.float32) for shape in ((3, 2), (2,))]

@@ -72,13 +72,8 @@ def test_the_training_graph_feeds_the_mask_head_norms_the_positive_slots_validit
     assert isinstance(grouped.get_layer("mrcnn_mask_bn1").layer, keras.layers.GroupNormalization)
 
 
-def _keras_reference(x, gamma, beta, trainable=True):
-    """Keras's own BatchNormalization in training mode: outputs, gradients, moving stats."""
-    layer = keras.layers.BatchNormalization()
-    return _train_once(layer, x, gamma, beta, trainable)
-
-
 def _train_once(layer, x, gamma, beta, trainable=True):
+    """One training-mode call of `layer`: outputs, gradients, moving statistics."""
     layer.build(x.shape)
     layer.gamma.assign(gamma)
     layer.beta.assign(beta)
@@ -99,7 +94,7 @@ def test_batch_statistics_run_as_one_fused_op_with_keras_numbers():
         beta = np.full(shape[-1], 0.3, np.float32)
         for trainable in (True, False):  # False: a layer frozen by train(layers=...)
             ours = _train_once(BatchNorm(train_bn=True), x, gamma, beta, trainable)
-            expected = _keras_reference(x, gamma, beta)
+            expected = _train_once(keras.layers.BatchNormalization(), x, gamma, beta)
             if not trainable:  # no gradients for frozen gamma and beta
                 expected = [expected[0], expected[1], *expected[4:]]
             assert len(ours) == len(expected)

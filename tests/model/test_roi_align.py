@@ -70,8 +70,8 @@ def test_both_samplers_give_the_same_crops_and_feature_gradients():
     rng = np.random.default_rng(3)
     maps = [tf.constant(rng.normal(size=(2, s, s, 4)), tf.float32) for s in (32, 16, 8, 4)]
     corner = rng.uniform(-0.1, 0.9, size=(3, 6, 2))
-    boxes = tf.constant(np.concatenate([corner, corner + rng.uniform(0, 0.5, (3, 6, 2))], -1)
-                        [..., [0, 1, 2, 3]], tf.float32)
+    boxes = tf.constant(np.concatenate([corner, corner + rng.uniform(0, 0.5, (3, 6, 2))], -1),
+                        tf.float32)
     levels = tf.constant(rng.integers(0, 4, (3, 6)), tf.int32)
     images = tf.constant(rng.integers(0, 2, (3, 6)), tf.int32)  # rows mixing both images
     results = []

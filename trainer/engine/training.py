@@ -179,10 +179,10 @@ class SGD(AllReducedClipping, keras.optimizers.SGD):
     def update_step(self, gradient, variable, learning_rate):
         if self.momentum == 0 or self.nesterov or isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable, learning_rate)
-        momentum = self.momentums[self._get_variable_index(variable)]
+        accumulator = self.momentums[self._get_variable_index(variable)]
         dtype = variable.dtype
         return tf.raw_ops.ResourceApplyKerasMomentum(
-            var=variable.handle, accum=momentum.handle, lr=tf.cast(learning_rate, dtype),
+            var=variable.handle, accum=accumulator.handle, lr=tf.cast(learning_rate, dtype),
             grad=tf.cast(gradient, dtype), momentum=tf.cast(self.momentum, dtype),
             use_locking=False, use_nesterov=False)
 

@@ -59,9 +59,7 @@ class BatchNorm(keras.layers.BatchNormalization):
         count = tf.cast(tf.shape(flat)[1], tf.float32)
         # One element per channel: the unbiased variance is undefined, the biased one 0.
         variance = tf.where(count > 1.0, unbiased * (count - 1.0) / count, 0.0)
-        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-        self.moving_variance.assign(
-            self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        self._move_statistics(mean, variance, self.momentum)
         return tf.cast(tf.reshape(outputs, tf.shape(inputs)), self.compute_dtype)
 
     def _normalise_with_batch_statistics(self, inputs, weights):
@@ -82,12 +80,15 @@ class BatchNorm(keras.layers.BatchNormalization):
         present = count > 0.0
         mean = tf.where(present, mean, self.moving_mean)
         variance = tf.where(present, variance, self.moving_variance)
-        momentum = tf.where(present, self.momentum, 1.0)
-        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
-        self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
+        self._move_statistics(mean, variance, tf.where(present, self.momentum, 1.0))
         outputs = tf.nn.batch_normalization(inputs, mean, variance, self.beta, self.gamma,
                                             self.epsilon)
         return tf.cast(outputs, self.compute_dtype)
+
+    def _move_statistics(self, mean, variance, momentum) -> None:
+        """Moving statistics <- momentum x themselves + (1 - momentum) x the batch's."""
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "train_bn": self.train_bn}

@@ -70,6 +70,7 @@ def build_training_model(config: Config) -> MaskRCNNTrainingModel:
     input_gt_class_ids int32 [G], input_gt_boxes [G, 4] pixels, input_gt_masks uint8
     [h, w, G] of 0/1 (mini-masks when USE_MINI_MASK; not bool: Keras' distributed build
     averages a batch, which bool tensors cannot do)."""
+    dtype, sampler = compute_policy(config), roi_sampler(config)  # of the heads
     image = _image_input(config)
     mask_hw = config.MINI_MASK_SHAPE if config.USE_MINI_MASK else (None, None)
     inputs = {
@@ -96,7 +97,7 @@ def build_training_model(config: Config) -> MaskRCNNTrainingModel:
     class_logits, _, bbox = classifier_head(
         rois, feature_maps, meta, pool_size=config.POOL_SIZE, num_classes=config.NUM_CLASSES,
         train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, norm=config.NORM,
-        dtype=compute_policy(config), sampler=roi_sampler(config))
+        dtype=dtype, sampler=sampler)
     # Only positive ROIs (the first MAX_POSITIVE_ROIS slots) have mask targets: running the
     # mask head on the others would cost most of the step and change nothing. Its BatchNorm
     # statistics come from the slots that hold a positive ROI (not from padding).
@@ -109,7 +110,7 @@ def build_training_model(config: Config) -> MaskRCNNTrainingModel:
                                  pool_size=config.MASK_POOL_SIZE, num_classes=config.NUM_CLASSES,
                                  train_bn=config.TRAIN_BN, roi_valid=found_valid,
                                  norm=config.NORM, image_indices=found_images,
-                                 dtype=compute_policy(config), sampler=roi_sampler(config))
+                                 dtype=dtype, sampler=sampler)
         mask_logits = ToSlots(slots, name="positive_slots")(
             [found_logits, found_slots, roi_valid])
     else:  # all MAX_POSITIVE_ROIS slots: fixed shapes for XLA
@@ -118,8 +119,7 @@ def build_training_model(config: Config) -> MaskRCNNTrainingModel:
         mask_logits = mask_head(positive_rois, feature_maps, meta,
                                 pool_size=config.MASK_POOL_SIZE, num_classes=config.NUM_CLASSES,
                                 train_bn=config.TRAIN_BN, roi_valid=positive_valid,
-                                norm=config.NORM, dtype=compute_policy(config),
-                                sampler=roi_sampler(config))
+                                norm=config.NORM, dtype=dtype, sampler=sampler)
     outputs = {
         "rpn_class_logits": rpn_class_logits,
         "rpn_bbox": rpn_bbox,
@@ -145,6 +145,7 @@ def build_inference_model(config: Config) -> keras.Model:
     Outputs (matterport's order): detections [N, (y1, x1, y2, x2, class_id, score)] normalised,
     mrcnn_class [R, C], mrcnn_bbox [R, C, 4], mrcnn_mask [N, h, w, C] probabilities,
     rpn_rois [R, 4], rpn_class [A, 2], rpn_bbox [A, 4]."""
+    dtype, sampler = compute_policy(config), roi_sampler(config)  # of the heads
     image = _image_input(config)
     meta = keras.Input((config.IMAGE_META_SIZE,), name="input_image_meta")
     feature_maps, _, rpn_class, rpn_bbox, rpn_rois = _shared_graph(
@@ -152,7 +153,7 @@ def build_inference_model(config: Config) -> keras.Model:
     _, class_probs, bbox = classifier_head(
         rpn_rois, feature_maps, meta, pool_size=config.POOL_SIZE, num_classes=config.NUM_CLASSES,
         train_bn=config.TRAIN_BN, fc_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, norm=config.NORM,
-        dtype=compute_policy(config), sampler=roi_sampler(config))
+        dtype=dtype, sampler=sampler)
     detections = DetectionLayer(
         config.DETECTION_MAX_INSTANCES, config.DETECTION_MIN_CONFIDENCE,
         config.DETECTION_NMS_THRESHOLD, config.BBOX_STD_DEV, name="mrcnn_detection",
@@ -160,8 +161,7 @@ def build_inference_model(config: Config) -> keras.Model:
     detection_boxes = layers.Lambda(lambda d: d[..., :4], name="detection_boxes")(detections)
     mask_logits = mask_head(detection_boxes, feature_maps, meta, pool_size=config.MASK_POOL_SIZE,
                             num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN,
-                            norm=config.NORM, dtype=compute_policy(config),
-                            sampler=roi_sampler(config))
+                            norm=config.NORM, dtype=dtype, sampler=sampler)
     masks = layers.Activation("sigmoid", name="mrcnn_mask_probs", dtype="float32")(mask_logits)
     return keras.Model(
         [image, meta], [detections, class_probs, bbox, masks, rpn_rois, rpn_class, rpn_bbox],

@@ -49,14 +49,16 @@ def multilevel_crop_and_resize(
     sampler: "gather" or "crop_and_resize" (the module docstring).
     Returns float32 [B, N, crop_h, crop_w, C].
     """
+    batch = tf.shape(boxes)[0]
+    num_boxes = tf.shape(boxes)[1]
+    if image_indices is None:
+        image_indices = tf.broadcast_to(tf.range(batch)[:, None], [batch, num_boxes])
     if sampler == "crop_and_resize":
         return _crop_and_resize_by_level(feature_maps, boxes, levels, crop_size, image_indices)
     if sampler != "gather":
         raise ValueError(f"unknown ROIAlign sampler {sampler!r}: gather or crop_and_resize")
     crop_h, crop_w = crop_size
     num_images = tf.shape(feature_maps[0])[0]
-    batch = tf.shape(boxes)[0]
-    num_boxes = tf.shape(boxes)[1]
     channels = feature_maps[0].shape[-1]
     heights = tf.stack([tf.shape(f)[1] for f in feature_maps])
     widths = tf.stack([tf.shape(f)[2] for f in feature_maps])
@@ -83,8 +85,6 @@ def multilevel_crop_and_resize(
 
     y0, y1, wy = corners(ys, height)
     x0, x1, wx = corners(xs, width)
-    if image_indices is None:
-        image_indices = tf.broadcast_to(tf.range(batch)[:, None], [batch, num_boxes])
     base = image_indices * total + tf.gather(offsets, levels)  # [B, N]
     row_stride = tf.cast(width, tf.int32)
 
@@ -105,10 +105,8 @@ def multilevel_crop_and_resize(
 
 def _crop_and_resize_by_level(feature_maps, boxes, levels, crop_size, image_indices):
     """`multilevel_crop_and_resize` by one `tf.image.crop_and_resize` per level over the boxes
-    of that level, put back in box order."""
+    of that level, put back in box order. image_indices int32 [B, N]."""
     batch, num_boxes = tf.shape(boxes)[0], tf.shape(boxes)[1]
-    if image_indices is None:
-        image_indices = tf.broadcast_to(tf.range(batch)[:, None], [batch, num_boxes])
     flat_boxes = tf.reshape(boxes, [-1, 4])
     flat_levels = tf.reshape(levels, [-1])
     flat_images = tf.reshape(image_indices, [-1])
