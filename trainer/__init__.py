@@ -2,9 +2,20 @@
 
 `from trainer import Config, MaskRCNN`. The names load lazily so that light entry points
 (the CLI's help, KFP component bodies) don't pay for importing TensorFlow.
+
+Importing the package turns on TensorFlow's oneDNN graph rewrite unless the environment says
+otherwise (`TF_ENABLE_ONEDNN_OPTS=0` keeps it off). TensorFlow's x86 packages turn it on by
+themselves only on CPUs with AVX-512 VNNI, BF16 or AMX; on AVX2-only CPUs (AMD EPYC among them)
+its convolutions then run as Eigen's kernels, and the 256 px training step measured 1.6x slower
+(README, "Speed"). TensorFlow reads the variable once, when it is first imported: a program
+that imports TensorFlow before `trainer` sets it itself.
 """
 
+import os
+
 from trainer.version import __version__ as __version__
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def __getattr__(name: str):
