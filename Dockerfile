@@ -42,11 +42,14 @@ LABEL org.opencontainers.image.title="mask-rcnn-pipeline" \
       org.opencontainers.image.source="https://github.com/mask-rcnn-pipeline/mask-rcnn-pipeline" \
       org.opencontainers.image.base.name="docker.io/tensorflow/tensorflow:2.21.0-gpu"
 
+# TF_ENABLE_ONEDNN_OPTS: TensorFlow's oneDNN kernels on every x86 CPU, whatever a process imports
+# first (`import trainer` sets the same default; TensorFlow alone leaves them off on AVX2-only CPUs).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
-    TF_CPP_MIN_LOG_LEVEL=1
+    TF_CPP_MIN_LOG_LEVEL=1 \
+    TF_ENABLE_ONEDNN_OPTS=1
 
 # The wheels are bind-mounted, not copied, so no layer of this image keeps them.
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import trainer  # noqa: E402, F401  (before TensorFlow: its start-up turns oneDNN on)
 
 METRICS = ("bbox_mAP", "bbox_mAP50", "segm_mAP", "segm_mAP50", "voc_mAP50")
 

@@ -12,7 +12,6 @@ import argparse
 import json
 import time
 
-import keras
 import numpy as np
 
 from trainer import Config, MaskRCNN
@@ -88,6 +87,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="default: the config's LEARNING_RATE")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+
+    import keras  # after trainer's start-up (oneDNN on)
 
     keras.utils.set_random_seed(args.seed)
     config = Config.from_yaml(args.config, args.overrides)

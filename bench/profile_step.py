@@ -38,6 +38,7 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import trainer  # noqa: E402, F401  (before TensorFlow: its start-up turns oneDNN on)
 
 STAGES = ("backbone", "fpn", "rpn_head", "proposals", "targets", "roi_align", "heads",
           "losses", "optimizer", "other")

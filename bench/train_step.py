@@ -20,6 +20,7 @@ import resource
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import trainer  # noqa: E402, F401  (before TensorFlow: its start-up turns oneDNN on)
 
 # Issue 13's side-by-side setting on configs/demo.yaml: matterport's ResNet-50-FPN Mask R-CNN
 # (BatchNorm, its head sizes and sampling) at 256 px, batch 2, 4 classes, SGD with momentum;

@@ -8,6 +8,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
+# The package before any test module imports TensorFlow: its start-up settings (oneDNN on)
+# are the ones `mrcnn` runs with.
+import trainer  # noqa: E402, F401
 from tests.servers import GcsEmulator, gcs_emulator  # noqa: E402
 
 
