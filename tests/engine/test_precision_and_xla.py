@@ -176,6 +176,9 @@ def test_xla_compiled_step_matches_the_graph_step(float32_step):
     for name in ("roi_align_classifier", "roi_align_mask"):
         assert xla.get_layer(name).sampler == "gather"
         assert float32_model.get_layer(name).sampler == "crop_and_resize"
+    # Nor an NMS kernel: its proposals run the padded NMS.
+    assert xla.get_layer("ROI").nms == "padded"
+    assert float32_model.get_layer("ROI").nms == "kernel"
     model, losses = one_step(config.replace(JIT_COMPILE=True),
                              [start[path(weight)] for weight in xla.weights], batch, xla)
     assert model.jit_compile is True  # no layer opted out: the whole step ran under XLA

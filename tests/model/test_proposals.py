@@ -1,10 +1,11 @@
-"""The proposals' NMS: XLA-compilable, and the same selections as TensorFlow's NMS kernel."""
+"""The proposals' NMS, both variants: the padded one (XLA-compilable) and the per-image
+kernel one select what TensorFlow's NMS kernel selects."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.model.proposals import nms_padded
+from trainer.model.proposals import ProposalLayer, nms_kernel, nms_padded
 
 
 def kernel_nms(boxes: np.ndarray, scores: np.ndarray, max_output: int, threshold: float):
@@ -36,21 +37,42 @@ def test_selections_equal_the_kernel_nms_with_and_without_xla(threshold, max_out
     assert not np.array_equal(expected, boxes[:, :max_output])  # NMS suppressed some boxes
     graph = nms_padded(tf.constant(boxes), tf.constant(scores), max_output, threshold)
     np.testing.assert_array_equal(graph.numpy(), expected)
+    kernels = tf.function(lambda b, s: nms_kernel(b, s, max_output, threshold))
+    np.testing.assert_array_equal(kernels(boxes, scores).numpy(), expected)
     compiled = tf.function(
         lambda b, s: nms_padded(b, s, max_output, threshold), jit_compile=True)
     np.testing.assert_array_equal(compiled(boxes, scores).numpy(), expected)
 
 
-def test_fewer_boxes_than_outputs_are_zero_padded():
+@pytest.mark.parametrize("nms", [nms_padded, nms_kernel])
+def test_fewer_boxes_than_outputs_are_zero_padded(nms):
     boxes = tf.constant([[[0.1, 0.1, 0.3, 0.3], [0.11, 0.1, 0.31, 0.3], [0.5, 0.5, 0.9, 0.9]]])
-    kept = nms_padded(boxes, tf.constant([[0.9, 0.8, 0.7]]), max_output=5, iou_threshold=0.5)
+    kept = nms(boxes, tf.constant([[0.9, 0.8, 0.7]]), max_output=5, iou_threshold=0.5)
     np.testing.assert_allclose(kept.numpy()[0], [[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.9, 0.9],
                                                  [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
 
 
-def test_an_all_zero_box_is_never_kept():
-    # The one difference from the kernel, which keeps it: a proposal clipped to the image's
-    # top-left corner, a zero box, which targets and ROI pooling treat as padding anyway.
+@pytest.mark.parametrize("nms", [nms_padded, nms_kernel])
+def test_an_all_zero_box_is_never_kept(nms):
+    # The one difference from the bare kernel, which keeps it: a proposal clipped to the
+    # image's top-left corner, a zero box, which targets and ROI pooling treat as padding.
     boxes = tf.constant([[[0.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.9, 0.9]]])
-    kept = nms_padded(boxes, tf.constant([[0.9, 0.8]]), max_output=2, iou_threshold=0.5)
+    kept = nms(boxes, tf.constant([[0.9, 0.8]]), max_output=2, iou_threshold=0.5)
     np.testing.assert_allclose(kept.numpy()[0], [[0.5, 0.5, 0.9, 0.9], [0, 0, 0, 0]])
+
+
+def test_proposal_layers_select_the_same_boxes_with_either_nms():
+    rng = np.random.default_rng(3)
+    anchors, _ = proposal_like_boxes(seed=4, images=1, count=600)
+    probs = rng.uniform(0, 1, (2, 600)).astype(np.float32)
+    inputs = [tf.constant(np.stack([1 - probs, probs], -1)),
+              tf.constant(rng.normal(0, 1, (2, 600, 4)).astype(np.float32)),
+              tf.constant(anchors[0])]
+    padded = ProposalLayer(100, 0.7, 400, nms="padded")(inputs)
+    kernel = ProposalLayer(100, 0.7, 400, nms="kernel")(inputs)
+    assert np.count_nonzero(padded.numpy().any(-1)) > 100  # both images kept boxes
+    np.testing.assert_array_equal(kernel.numpy(), padded.numpy())
+    assert ProposalLayer.from_config(ProposalLayer(10, 0.7, 20, nms="kernel").get_config()).nms \
+        == "kernel"
+    with pytest.raises(ValueError, match="nms must be one of"):
+        ProposalLayer(10, 0.7, 20, nms="fast")

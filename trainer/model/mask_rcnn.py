@@ -46,6 +46,13 @@ def roi_sampler(config: Config) -> str:
     return "gather" if config.JIT_COMPILE else "crop_and_resize"
 
 
+def proposal_nms(config: Config) -> str:
+    """The proposals' NMS (`ProposalLayer`): TensorFlow's NMS kernel, one per image, or, when
+    XLA compiles the step (JIT_COMPILE), `non_max_suppression_padded`, which XLA can compile.
+    Both select the same boxes."""
+    return "padded" if config.JIT_COMPILE else "kernel"
+
+
 def _shared_graph(config: Config, image, proposal_count: int):
     """Backbone, FPN, RPN and proposals: what both modes share."""
     dtype = compute_policy(config)
@@ -60,7 +67,8 @@ def _shared_graph(config: Config, image, proposal_count: int):
                            config.BACKBONE_STRIDES, config.RPN_ANCHOR_STRIDE,
                            name="anchors")(image)
     rpn_rois = ProposalLayer(proposal_count, config.RPN_NMS_THRESHOLD, config.PRE_NMS_LIMIT,
-                             config.RPN_BBOX_STD_DEV, name="ROI")([rpn_class, rpn_bbox, anchors])
+                             config.RPN_BBOX_STD_DEV, nms=proposal_nms(config),
+                             name="ROI")([rpn_class, rpn_bbox, anchors])
     return pyramid[:4], rpn_class_logits, rpn_class, rpn_bbox, rpn_rois
 
 
