@@ -22,6 +22,10 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
+# The environment each side starts from, taken before train_step imports `trainer`, whose
+# start-up sets TF_ENABLE_ONEDNN_OPTS: each side's own code decides it (an older checkout's
+# trainer did not, so "before" runs TensorFlow's default).
+ENVIRONMENT = dict(os.environ)
 sys.path.insert(0, str(HERE))
 from train_step import SETTING_256  # noqa: E402  (bench/, beside this script)
 
@@ -67,7 +71,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name, _, _ in sides}
     for round_index in range(args.rounds):
         for name, command, tree in sides:
-            env = dict(os.environ)
+            env = dict(ENVIRONMENT)
             if tree:
                 env["PYTHONPATH"] = tree
             result = run(command, env)
