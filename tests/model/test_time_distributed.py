@@ -11,13 +11,12 @@ from keras import layers
 from trainer.model.time_distributed import TimeDistributed, covers_its_input
 
 
-def _outputs_and_gradients(wrapper, inputs):
+def _outputs_and_gradients(apply, inputs, variables):
     with tf.GradientTape() as tape:
         tape.watch(inputs)
-        outputs = wrapper(inputs)
+        outputs = apply(inputs)
         loss = tf.reduce_sum(outputs * tf.cos(outputs))
-    grads = tape.gradient(loss, [inputs, *wrapper.trainable_variables])
-    return outputs, grads
+    return outputs, tape.gradient(loss, [inputs, *variables])
 
 
 @pytest.mark.parametrize(("kernel", "spatial", "activation"),
@@ -31,15 +30,13 @@ def test_whole_input_convolution_is_a_matmul_with_the_convolutions_results(
     wrapper.layer.bias.assign(rng.normal(size=4))
     assert covers_its_input(wrapper.layer, (10, spatial, spatial, 6))
 
-    outputs, grads = _outputs_and_gradients(wrapper, inputs)
+    outputs, grads = _outputs_and_gradients(wrapper, inputs, wrapper.trainable_variables)
     assert outputs.shape == (2, 5, 1, 1, 4)
     # Keras's own convolution on the folded ROIs: the reference.
-    with tf.GradientTape() as tape:
-        tape.watch(inputs)
-        folded = tf.reshape(inputs, (10, spatial, spatial, 6))
-        expected = tf.reshape(wrapper.layer(folded), (2, 5, 1, 1, 4))
-        loss = tf.reduce_sum(expected * tf.cos(expected))
-    expected_grads = tape.gradient(loss, [inputs, *wrapper.trainable_variables])
+    expected, expected_grads = _outputs_and_gradients(
+        lambda x: tf.reshape(wrapper.layer(tf.reshape(x, (10, spatial, spatial, 6))),
+                             (2, 5, 1, 1, 4)),
+        inputs, wrapper.trainable_variables)
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -64,9 +61,10 @@ def test_other_convolutions_keep_their_kernels(conv, spatial):
     graph = tf.function(wrapper).get_concrete_function(inputs).graph
     op_types = {op.type for op in graph.get_operations()}
     assert "MatMul" not in op_types
-    np.testing.assert_allclose(
-        wrapper(inputs), tf.reshape(conv(tf.reshape(inputs, (10, spatial, spatial, 6))),
-                                    wrapper(inputs).shape), rtol=1e-6, atol=1e-6)
+    outputs = wrapper(inputs)
+    expected = conv(tf.reshape(inputs, (10, spatial, spatial, 6)))
+    np.testing.assert_allclose(outputs, tf.reshape(expected, outputs.shape), rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_bfloat16_policy_computes_in_bfloat16():

@@ -77,10 +77,7 @@ def nms_padded(boxes: tf.Tensor, scores: tf.Tensor, max_output: int,
     keep, valid = tf.image.non_max_suppression_padded(
         boxes, scores, max_output, iou_threshold, pad_to_max_output_size=True,
         sorted_input=True, canonicalized_coordinates=True)
-    kept = tf.gather(boxes, keep[:, :max_output], batch_dims=1)
-    is_kept = tf.range(max_output)[None, :] < valid[:, None]
-    out = tf.where(is_kept[..., None], kept, 0.0)
-    return tf.ensure_shape(out, [None, max_output, 4])
+    return _kept_boxes(boxes, keep[:, :max_output], valid)
 
 
 def nms_kernel(boxes: tf.Tensor, scores: tf.Tensor, max_output: int,
@@ -101,11 +98,19 @@ def nms_kernel(boxes: tf.Tensor, scores: tf.Tensor, max_output: int,
             boxes=image_boxes, scores=image_scores, max_output_size=max_output,
             iou_threshold=iou_threshold, score_threshold=tf.float32.min,
             pad_to_max_output_size=True)
-        is_kept = tf.range(max_output) < valid
-        return tf.where(is_kept[:, None], tf.gather(image_boxes, keep), 0.0)
+        return keep, valid
 
-    out = tf.map_fn(one_image, (boxes, scores), fn_output_signature=tf.float32,
-                    parallel_iterations=16)
+    keep, valid = tf.map_fn(one_image, (boxes, scores),
+                            fn_output_signature=(tf.int32, tf.int32), parallel_iterations=16)
+    return _kept_boxes(boxes, keep, valid)
+
+
+def _kept_boxes(boxes: tf.Tensor, keep: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
+    """boxes [B, N, 4], keep int32 [B, K] indices (padded), valid int32 [B] -> the kept boxes
+    [B, K, 4], zero rows after each image's `valid` first."""
+    max_output = keep.shape[1]
+    is_kept = tf.range(max_output)[None, :] < valid[:, None]
+    out = tf.where(is_kept[..., None], tf.gather(boxes, keep, batch_dims=1), 0.0)
     return tf.ensure_shape(out, [None, max_output, 4])
 
 
