@@ -8,7 +8,11 @@
 Prints one JSON line per configuration measured. Steps are timed after a warm-up (graph
 tracing), on generated shapes, with the optimizer matterport uses (SGD + momentum, global
 gradient clipping). `precision` and `jit_compile` in the output say what actually ran: the
-backbone's compute dtype, and whether Keras compiled the step with XLA.
+backbone's compute dtype, and whether Keras compiled the step with XLA. `peak_tensor_mb` is
+the most that TensorFlow's CPU allocator held in live tensors at once (weights, optimizer
+slots, activations, gradients); the rest of `peak_rss_mb` is the runtime's own (libraries,
+Python, the traced graphs, free pages the allocator keeps). It is null where that allocator
+keeps no statistics (TensorFlow's default one, with oneDNN off).
 """
 
 from __future__ import annotations
@@ -111,8 +115,20 @@ def measure(config_path: str, overrides: list[str], steps: int, warmup: int,
         "seconds_per_step": round(seconds, 4),
         "images_per_second": round(config.BATCH_SIZE / seconds, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_tensor_mb": peak_tensor_mb(),
         "cpu_count": os.cpu_count(),
     }
+
+
+def peak_tensor_mb() -> float | None:
+    """The CPU allocator's peak bytes in live tensors since start-up, in MB (None: no stats)."""
+    import tensorflow as tf
+
+    try:
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    except ValueError:  # an allocator without statistics
+        return None
+    return round(peak / 2**20, 1) if peak else None
 
 
 def main() -> None:
