@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from keras import layers
 
+from trainer.model.conv import Conv2D
 from trainer.model.normalization import norm_layer
 
 
@@ -17,7 +18,7 @@ def fpn_graph(c2, c3, c4, c5, depth: int = 256, norm: str | None = None, dtype=N
     """
 
     def conv(x, kernel: int, name: str):
-        x = layers.Conv2D(depth, kernel, padding="same", name=name, dtype=dtype)(x)
+        x = Conv2D(depth, kernel, padding="same", name=name, dtype=dtype)(x)  # see conv.py
         return x if norm is None else norm_layer(norm, True, name=f"{name}_norm", dtype=dtype)(x)
 
     p5 = conv(c5, 1, "fpn_c5p5")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from trainer.model.conv import Conv2D
+
 
 def build_rpn_model(anchor_stride: int, anchors_per_location: int, depth: int,
                     dtype=None) -> keras.Model:
@@ -21,8 +23,9 @@ def build_rpn_model(anchor_stride: int, anchors_per_location: int, depth: int,
     input_dtype = None if dtype is None else keras.dtype_policies.get(dtype).compute_dtype
     feature_map = keras.Input(shape=(None, None, depth), name="input_rpn_feature_map",
                               dtype=input_dtype)
-    shared = layers.Conv2D(512, 3, padding="same", activation="relu", strides=anchor_stride,
-                           name="rpn_conv_shared", dtype=dtype)(feature_map)
+    # Its weight gradient at P2 is the largest of the step: see trainer/model/conv.py.
+    shared = Conv2D(512, 3, padding="same", activation="relu", strides=anchor_stride,
+                    name="rpn_conv_shared", dtype=dtype)(feature_map)
     x = layers.Conv2D(2 * anchors_per_location, 1, name="rpn_class_raw", dtype=dtype)(shared)
     logits = layers.Reshape((-1, 2), dtype=dtype)(x)
     probs = layers.Activation("softmax", name="rpn_class_xxx", dtype="float32")(logits)
