@@ -3,9 +3,9 @@ applies; outputs and every gradient must be Keras's own Conv2D's, and the RPN an
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 from keras import layers
 
