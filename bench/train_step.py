@@ -63,6 +63,9 @@ def training_setup(config_path: str, overrides: list[str]):
     sgd = config.replace(OPTIMIZER="sgd", LR_WARMUP_STEPS=0, LR_DECAY="none")
     jit = getattr(config, "JIT_COMPILE", False)  # an older checkout's Config has no such key
     keras_model.compile(optimizer=make_optimizer(config.LEARNING_RATE, sgd), jit_compile=jit)
+    # As `trainer.engine.training.train` does: slots made here, not inside the first traced
+    # step (there tf.function traces the step twice and keeps both graphs, ~15k ops each).
+    keras_model.optimizer.build(keras_model.trainable_variables)
     return config, keras_model, batches
 
 
