@@ -21,7 +21,7 @@ from trainer.engine.training import (
     set_trainable,
 )
 from trainer.errors import UserError
-from trainer.model.losses import weight_decay_loss
+from trainer.model.losses import add_weight_decay_gradients, weight_decay_loss
 from trainer.weights.checkpoints import optimizer_path
 
 # The demo preset, narrowed where it does not change what is tested: fewer weights to trace;
@@ -110,6 +110,68 @@ def test_weight_decay_matches_hand_computation_and_skips_gamma_beta():
     # kernel: 1e-2 * (0+1+4+9+16+25) / 6; bias: 1e-2 * (1 + 9) / 2; gamma and beta skipped
     expected = 1e-2 * 55 / 6 + 1e-2 * 10 / 2
     np.testing.assert_allclose(weight_decay_loss(variables, 1e-2).numpy(), expected, rtol=1e-6)
+
+
+def _decay_fixture():
+    """A dense layer on the loss's path, one off it, and a BatchNorm: (variables, task loss)."""
+    used, unused = keras.layers.Dense(2, name="used"), keras.layers.Dense(2, name="unused")
+    norm = keras.layers.BatchNormalization(name="bn")
+    for layer in (used, unused, norm):
+        layer.build((None, 3) if layer is not norm else (None, 2))
+    rng = np.random.default_rng(0)
+    for variable in used.weights + unused.weights + norm.trainable_weights:
+        variable.assign(rng.normal(size=tuple(variable.shape)))
+    x = tf.constant(rng.normal(size=(4, 3)), tf.float32)
+    variables = used.trainable_weights + unused.trainable_weights + norm.trainable_weights
+    return variables, lambda: tf.reduce_sum(norm(used(x), training=True) ** 2)
+
+
+@pytest.mark.parametrize("in_a_graph", [False, True])
+def test_weight_decay_gradients_equal_the_l2_terms_through_the_tape(in_a_graph):
+    variables, task_loss = _decay_fixture()
+    scale = 4.0  # a loss scale (float16) over 2 replicas, say
+
+    def both():
+        with tf.GradientTape(persistent=True) as tape:
+            task = task_loss()
+            whole = scale * (task + weight_decay_loss(variables, 1e-2))
+            scaled_task = scale * task
+        expected = tape.gradient(whole, variables)
+        got = add_weight_decay_gradients(tape.gradient(scaled_task, variables), variables,
+                                         1e-2, scale=tf.constant(scale))
+        return expected, got
+
+    expected, got = tf.function(both)() if in_a_graph else both()
+    names = [v.path for v in variables]
+    assert [g is None for g in got] == [g is None for g in expected]
+    assert got[2] is not None  # off the loss's path: the L2 term alone
+    for name, want, have in zip(names, expected, got, strict=True):
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    # The decay moved the weights' gradients and left gamma and beta's alone.
+    task_only = add_weight_decay_gradients(list(expected), variables, 0.0)
+    assert all(a is b for a, b in zip(task_only, expected, strict=True))
+
+
+def test_train_step_decays_like_matterports_l2_in_the_loss():
+    """One SGD step (no momentum, no clipping) of the training model's own train_step with
+    WEIGHT_DECAY: the weights move by the gradient of the task loss plus the L2 term."""
+    from tests.engine.replicas import initial_weights, tiny_data, tiny_model
+
+    x, y = tiny_data()
+    model = tiny_model()
+    model.weight_decay = 0.1
+    model(tf.zeros((1, 4)))
+    model.set_weights(initial_weights())
+    model.compile(optimizer=keras.optimizers.SGD(0.05))
+    with tf.GradientTape() as tape:
+        loss = (model._task_losses((x, y), training=True)[0]
+                + weight_decay_loss(model.trainable_variables, 0.1))
+    gradients = tape.gradient(loss, model.trainable_variables)
+    expected = [w - 0.05 * g.numpy() for w, g in zip(initial_weights(), gradients, strict=True)]
+    logs = model.train_on_batch(x, y, return_dict=True)
+    for got, want in zip(model.get_weights(), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logs["loss"], loss.numpy(), rtol=1e-5)
 
 
 def test_gradients_are_clipped_by_their_global_norm():

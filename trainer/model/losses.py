@@ -7,6 +7,7 @@ Loss weights are not applied here: the training model applies LOSS_WEIGHTS once.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -88,12 +89,43 @@ def mrcnn_mask_loss(target_masks: tf.Tensor, target_class_ids: tf.Tensor,
     return _masked_mean(loss, positive)
 
 
+def _decayed(variable) -> bool:
+    """Matterport's L2 leaves BatchNorm's gamma and beta out."""
+    return not (variable.name.endswith("gamma") or variable.name.endswith("beta"))
+
+
 def weight_decay_loss(variables, weight_decay: float) -> tf.Tensor:
     """Matterport's L2: sum over trainable weights, except BatchNorm gamma and beta, of
     weight_decay * sum(w ** 2) / size(w)."""
     terms = [
         weight_decay * tf.reduce_sum(tf.square(v)) / tf.cast(tf.size(v), tf.float32)
-        for v in variables
-        if not (v.name.endswith("gamma") or v.name.endswith("beta"))
+        for v in variables if _decayed(v)
     ]
     return tf.add_n(terms) if terms else tf.constant(0.0)
+
+
+def add_weight_decay_gradients(gradients: list, variables, weight_decay: float,
+                               scale: tf.Tensor | float = 1.0) -> list:
+    """`gradients` (of the variables, taken without the L2 term) plus `scale` times the
+    gradient of `weight_decay_loss`: 2 * weight_decay * w / size(w) for each decayed variable.
+
+    The same sum as differentiating the L2 term with the rest of the loss, with one difference
+    in when it happens: each decay term is made after its variable's loss gradient exists and
+    added to it at once. Through the tape those terms depend on the weights alone, so the
+    executor made all of them (one more copy of the weights, 176 MB for ResNet-50) early in the
+    backward pass and held them to its end, on top of the activations.
+    """
+    summed = []
+    for gradient, variable in zip(gradients, variables, strict=True):
+        if weight_decay == 0.0 or not _decayed(variable):
+            summed.append(gradient)
+            continue
+        coefficient = 2.0 * weight_decay / float(np.prod(variable.shape))
+        if gradient is None:  # not on the loss's path: the L2 term alone
+            summed.append(tf.cast(scale, variable.dtype) * coefficient * variable)
+            continue
+        gradient = tf.convert_to_tensor(gradient)
+        with tf.control_dependencies([gradient]):
+            decay = (tf.cast(scale, variable.dtype) * coefficient) * tf.identity(variable)
+        summed.append(gradient + tf.cast(decay, gradient.dtype))
+    return summed

@@ -176,6 +176,11 @@ def build_inference_model(config: Config) -> keras.Model:
         name="mask_rcnn")
 
 
+def _replicas() -> float:
+    """Replicas of the strategy in scope: gradients are summed over them."""
+    return float(tf.distribute.get_strategy().num_replicas_in_sync)
+
+
 class MaskRCNNTrainingModel(keras.Model):
     """The training graph plus its losses: `fit` trains it with no `loss=` argument.
 
@@ -211,13 +216,11 @@ class MaskRCNNTrainingModel(keras.Model):
         }
         return {name: value * self.loss_weights[name] for name, value in values.items()}
 
-    def _step_losses(self, data, training: bool):
+    def _task_losses(self, data, training: bool):
+        """(the five weighted losses' sum, the five) on a batch, without the L2 term."""
         inputs = data[0] if isinstance(data, tuple) else data
-        outputs = self(inputs, training=training)
-        values = self.compute_losses(inputs, outputs)
-        total = tf.add_n(list(values.values()))
-        total += losses.weight_decay_loss(self.trainable_weights, self.weight_decay)
-        return total, values
+        values = self.compute_losses(inputs, self(inputs, training=training))
+        return tf.add_n(list(values.values())), values
 
     def _update_trackers(self, total, values) -> dict[str, tf.Tensor]:
         self.trackers["loss"].update_state(total)
@@ -227,19 +230,24 @@ class MaskRCNNTrainingModel(keras.Model):
 
     def train_step(self, data):
         with tf.GradientTape() as tape:
-            total, values = self._step_losses(data, training=True)
+            task_loss, values = self._task_losses(data, training=True)
             # Gradients are summed across replicas: scale so the sum is the mean.
-            scaled = total / tf.distribute.get_strategy().num_replicas_in_sync
             # MIXED_PRECISION=float16: the loss-scaling optimizer's scale (others: unchanged);
             # its apply() unscales the gradients.
-            scaled = self.optimizer.scale_loss(scaled)
+            scaled = self.optimizer.scale_loss(task_loss / _replicas())
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
+        # The L2 term's gradient joins here, scaled as the loss was (see the function).
+        gradients = losses.add_weight_decay_gradients(
+            gradients, variables, self.weight_decay,
+            scale=self.optimizer.scale_loss(tf.constant(1.0) / _replicas()))
+        total = task_loss + losses.weight_decay_loss(variables, self.weight_decay)  # before
         self.optimizer.apply(gradients, variables)
         return self._update_trackers(total, values)
 
     def test_step(self, data):
-        total, values = self._step_losses(data, training=False)
+        task_loss, values = self._task_losses(data, training=False)
+        total = task_loss + losses.weight_decay_loss(self.trainable_weights, self.weight_decay)
         return self._update_trackers(total, values)
 
     @property
