@@ -55,6 +55,44 @@ def test_roi_batch_norm_without_any_roi_keeps_its_statistics_and_finite_gradient
     np.testing.assert_array_equal(norm.moving_variance.numpy(), np.ones(4))
 
 
+def _roi_norm_step(norm, x, valid):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = norm([x, valid], training=True)
+        loss = tf.reduce_sum(out * tf.sin(out))
+    grads = tape.gradient(loss, [x, *norm.trainable_weights])
+    return [out, *grads, norm.moving_mean, norm.moving_variance]
+
+
+def test_roi_batch_norm_on_real_rois_only_is_fused_with_the_weighted_paths_numbers():
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(2.0, 3.0, size=(1, 5, 4, 4, 6)), tf.float32)
+    valid = tf.ones((1, 5), tf.bool)
+    fused, weighted = RoiBatchNorm(train_bn=True, padded=False), RoiBatchNorm(train_bn=True)
+    for norm in (fused, weighted):
+        norm.build([tuple(x.shape), (1, 5)])
+        norm.gamma.assign(rng.uniform(0.5, 1.5, size=6))
+    weighted.gamma.assign(fused.gamma)
+    for got, want in zip(_roi_norm_step(fused, x, valid), _roi_norm_step(weighted, x, valid),
+                         strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
+                                   atol=1e-4 * np.abs(np.asarray(want)).max())
+    graph = tf.function(lambda v, m: fused([v, m], training=True)).get_concrete_function(
+        x, valid).graph
+    kinds = {op.type for op in graph.get_operations()}
+    assert "FusedBatchNormV3" in kinds and "Rsqrt" not in kinds, sorted(kinds)
+
+
+def test_roi_batch_norm_on_real_rois_only_keeps_its_statistics_when_none_was_found():
+    x = tf.constant(np.random.default_rng(4).normal(size=(1, 1, 3, 3, 4)), tf.float32)
+    norm = RoiBatchNorm(train_bn=True, padded=False)
+    out, grad_x, *_, mean, variance = _roi_norm_step(norm, x, tf.zeros((1, 1), tf.bool))
+    assert np.all(np.isfinite(out.numpy())) and np.all(np.isfinite(grad_x.numpy()))
+    np.testing.assert_array_equal(mean.numpy(), np.zeros(4))
+    np.testing.assert_array_equal(variance.numpy(), np.ones(4))
+    assert RoiBatchNorm.from_config(norm.get_config()).padded is False
+
+
 def test_the_training_graph_feeds_the_mask_head_norms_the_positive_slots_validity():
     from trainer import Config, MaskRCNN
 
@@ -66,6 +104,7 @@ def test_the_training_graph_feeds_the_mask_head_norms_the_positive_slots_validit
         for i in range(1, 5):
             layer = model.get_layer(f"mrcnn_mask_bn{i}")
             assert isinstance(layer, RoiBatchNorm)
+            assert layer.padded == (rois == "static")  # dynamic: real ROIs only, fused
             x, valid = layer._inbound_nodes[0].input_tensors
             assert valid is validity(model)
     grouped = MaskRCNN("training", config.replace(NORM="group")).keras_model

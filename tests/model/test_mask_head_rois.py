@@ -58,9 +58,13 @@ def test_dynamic_and_static_mask_head_give_the_same_losses_and_gradients():
                                rtol=1e-4, atol=1e-4)
     assert loss_d == pytest.approx(loss_s, rel=1e-4, abs=1e-6)
     assert grad_d.keys() == grad_s.keys() and len(grad_d) >= 12
+    # The dynamic head's BatchNorms are the fused op over real ROIs, the static head's a
+    # weighted mean and variance over its slots: the same statistics, rounded differently
+    # (with oneDNN's batch norm about 1e-3 of a gradient's norm; a wrong statistic is O(1)).
     for name in grad_d:
-        np.testing.assert_allclose(np.asarray(grad_d[name]), np.asarray(grad_s[name]),
-                                   rtol=1e-3, atol=1e-6, err_msg=name)
+        got, want = np.asarray(grad_d[name]), np.asarray(grad_s[name])
+        # + 1e-7: the conv biases before a BatchNorm have a zero gradient up to rounding
+        assert np.linalg.norm(got - want) <= 5e-3 * np.linalg.norm(want) + 1e-7, name
 
 
 def test_no_positive_roi_trains_with_a_zero_mask_loss():

@@ -62,7 +62,8 @@ def mask_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: in
     dtype: the Keras dtype policy of the convolutions (None: the global one); the ROI pooling
     stays float32, the logits come out in dtype's compute dtype.
     image_indices: int32 [1, N] with rois [1, N, 4] (`PositiveRois`' outputs): the image of
-    the batch each ROI crops from. sampler: the ROIAlign's (see `roi_align`).
+    the batch each ROI crops from; those rows are real ROIs (or one row, none found), so the
+    BatchNorms take their fused path (`RoiBatchNorm(padded=False)`). sampler: the ROIAlign's (see `roi_align`).
     """
     if roi_valid is None:
         roi_valid = layers.Lambda(lambda r: r[..., 2] > r[..., 0], name="mask_roi_valid")(rois)
@@ -77,7 +78,8 @@ def mask_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: in
             x = TimeDistributed(norm_layer(norm, train_bn, dtype=dtype),
                                 name=f"mrcnn_mask_bn{i}", dtype=dtype)(x)
         else:
-            x = RoiBatchNorm(train_bn, name=f"mrcnn_mask_bn{i}", dtype=dtype)([x, roi_valid])
+            x = RoiBatchNorm(train_bn, padded=image_indices is None, name=f"mrcnn_mask_bn{i}",
+                             dtype=dtype)([x, roi_valid])
         x = layers.Activation("relu", dtype=dtype)(x)
     x = TimeDistributed(layers.Conv2DTranspose(256, 2, strides=2, activation="relu",
                                                dtype=dtype),
