@@ -63,7 +63,8 @@ def mask_head(rois, feature_maps, image_meta, *, pool_size: int, num_classes: in
     stays float32, the logits come out in dtype's compute dtype.
     image_indices: int32 [1, N] with rois [1, N, 4] (`PositiveRois`' outputs): the image of
     the batch each ROI crops from; those rows are real ROIs (or one row, none found), so the
-    BatchNorms take their fused path (`RoiBatchNorm(padded=False)`). sampler: the ROIAlign's (see `roi_align`).
+    BatchNorms take their fused path (`RoiBatchNorm(padded=False)`).
+    sampler: the ROIAlign's (see `roi_align`).
     """
     if roi_valid is None:
         roi_valid = layers.Lambda(lambda r: r[..., 2] > r[..., 0], name="mask_roi_valid")(rois)
