@@ -1,6 +1,8 @@
 """The training procedure: layer selection, optimizer semantics, checkpoints, exact resume."""
 
+import ctypes
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,8 +17,10 @@ from trainer.data import shapes
 from trainer.data.memory import examples_dataset
 from trainer.engine.training import (
     LAYER_REGEX,
+    ReleaseFreedHeap,
     TrainingDivergedError,
     make_optimizer,
+    release_freed_heap,
     resolve_layers,
     set_trainable,
 )
@@ -419,3 +423,38 @@ def test_adam_state_is_checkpointed_and_restored(tmp_path, shapes_data):
         np.testing.assert_array_equal(seen["first_moment"], saved["slot_00000"])
         slots = [k for k in saved.files if k.startswith("slot_")]
         assert len(slots) == 2 * len(first.keras_model.trainable_variables)  # m and v
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_freed_heap_returns_freed_heap_pages_to_the_system():
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    block = 64 * 1024  # below malloc's mmap threshold: from the heap
+    blocks = [libc.malloc(block) for _ in range(2400)]  # 150 MB
+    guard = libc.malloc(block)  # above them: free() cannot give them back by shrinking the top
+    for address in blocks:
+        ctypes.memset(address, 1, block)  # resident
+    for address in blocks:
+        libc.free(address)
+    before = _rss_mb()
+    assert release_freed_heap()
+    assert before - _rss_mb() > 100
+    libc.free(guard)
+
+
+def test_release_freed_heap_callback_runs_after_each_fits_first_step_and_validation():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.zeros((12, 3), np.float32), np.zeros((12, 1), np.float32)
+    callback = ReleaseFreedHeap()
+    model.fit(x, y, batch_size=4, epochs=2, validation_data=(x, y), callbacks=[callback],
+              verbose=0)
+    assert callback.releases == 1 + 2  # the first of 6 steps, 2 validations
+    model.fit(x, y, batch_size=4, epochs=1, callbacks=[callback], verbose=0)
+    assert callback.releases == 4
