@@ -84,9 +84,10 @@ def test_elsewhere_it_is_keras_conv2d(kwargs, shape):
     upstream = tf.ones((1, *ours.compute_output_shape(shape)[1:]))
     outputs, grads = _outputs_and_gradients(ours, inputs, upstream)
     expected, expected_grads = _outputs_and_gradients(keras_conv, inputs, upstream)
-    np.testing.assert_allclose(outputs, expected, rtol=1e-2, atol=1e-2)
+    # The same ops as Keras's (bfloat16 included): equal, not merely close.
+    np.testing.assert_allclose(outputs, expected, rtol=1e-6, atol=1e-6)
     for got, want in zip(grads, expected_grads, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert "ExtractImagePatches" not in _gradient_op_types(ours, inputs)
 
 

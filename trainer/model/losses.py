@@ -7,7 +7,8 @@ Loss weights are not applied here: the training model applies LOSS_WEIGHTS once.
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import tensorflow as tf
 
 
@@ -115,12 +116,14 @@ def add_weight_decay_gradients(gradients: list, variables, weight_decay: float,
     executor made all of them (one more copy of the weights, 176 MB for ResNet-50) early in the
     backward pass and held them to its end, on top of the activations.
     """
+    if weight_decay == 0.0:
+        return list(gradients)
     summed = []
     for gradient, variable in zip(gradients, variables, strict=True):
-        if weight_decay == 0.0 or not _decayed(variable):
+        if not _decayed(variable):
             summed.append(gradient)
             continue
-        coefficient = 2.0 * weight_decay / float(np.prod(variable.shape))
+        coefficient = 2.0 * weight_decay / math.prod(variable.shape)
         if gradient is None:  # not on the loss's path: the L2 term alone
             summed.append(tf.cast(scale, variable.dtype) * coefficient * variable)
             continue

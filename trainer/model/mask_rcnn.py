@@ -229,18 +229,18 @@ class MaskRCNNTrainingModel(keras.Model):
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     def train_step(self, data):
+        # Gradients are summed across replicas: scale so the sum is the mean.
+        # MIXED_PRECISION=float16: the loss-scaling optimizer's scale (others: unchanged);
+        # its apply() unscales the gradients.
+        scale = self.optimizer.scale_loss(tf.constant(1.0 / _replicas()))
         with tf.GradientTape() as tape:
             task_loss, values = self._task_losses(data, training=True)
-            # Gradients are summed across replicas: scale so the sum is the mean.
-            # MIXED_PRECISION=float16: the loss-scaling optimizer's scale (others: unchanged);
-            # its apply() unscales the gradients.
-            scaled = self.optimizer.scale_loss(task_loss / _replicas())
+            scaled = task_loss * scale
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
         # The L2 term's gradient joins here, scaled as the loss was (see the function).
-        gradients = losses.add_weight_decay_gradients(
-            gradients, variables, self.weight_decay,
-            scale=self.optimizer.scale_loss(tf.constant(1.0) / _replicas()))
+        gradients = losses.add_weight_decay_gradients(gradients, variables, self.weight_decay,
+                                                      scale=scale)
         total = task_loss + losses.weight_decay_loss(variables, self.weight_decay)  # before
         self.optimizer.apply(gradients, variables)
         return self._update_trackers(total, values)
