@@ -60,8 +60,10 @@ def _shared_graph(config: Config, image, proposal_count: int):
                                   dtype=dtype)
     pyramid = fpn_graph(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE,
                         norm=None if config.NORM == "batch" else config.NORM, dtype=dtype)
+    # The losses read few anchors: the shared conv's gradients skip the rest, except under XLA.
     rpn = build_rpn_model(config.RPN_ANCHOR_STRIDE, config.ANCHORS_PER_LOCATION,
-                          config.TOP_DOWN_PYRAMID_SIZE, dtype=dtype)
+                          config.TOP_DOWN_PYRAMID_SIZE, dtype=dtype,
+                          sparse_output_gradient=not config.JIT_COMPILE)
     rpn_class_logits, rpn_class, rpn_bbox = rpn_graph(rpn, pyramid)
     anchors = AnchorsLayer(config.RPN_ANCHOR_SCALES, config.RPN_ANCHOR_RATIOS,
                            config.BACKBONE_STRIDES, config.RPN_ANCHOR_STRIDE,

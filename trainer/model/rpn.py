@@ -9,7 +9,7 @@ from trainer.model.conv import Conv2D
 
 
 def build_rpn_model(anchor_stride: int, anchors_per_location: int, depth: int,
-                    dtype=None) -> keras.Model:
+                    dtype=None, sparse_output_gradient: bool = False) -> keras.Model:
     """The RPN as a nested model named `rpn_model` (its weights live under that name in h5).
 
     Input: a feature map [batch, H, W, depth]. Outputs, anchors in `anchors.py` order:
@@ -18,14 +18,17 @@ def build_rpn_model(anchor_stride: int, anchors_per_location: int, depth: int,
       rpn_bbox         [batch, H * W * anchors_per_location, (dy, dx, log(dh), log(dw))]
     dtype: the convolutions' Keras dtype policy (None: the global one); the softmax runs in
     float32 whatever it is.
+    sparse_output_gradient: the shared conv's gradients over the pixels under the anchors the
+    losses sampled only (trainer/model/conv.py); not under XLA, which needs fixed shapes.
     """
     # Fed the FPN's maps in their compute dtype (a float32 input would cast them there and back).
     input_dtype = None if dtype is None else keras.dtype_policies.get(dtype).compute_dtype
     feature_map = keras.Input(shape=(None, None, depth), name="input_rpn_feature_map",
                               dtype=input_dtype)
-    # Its weight gradient at P2 is the largest of the step: see trainer/model/conv.py.
+    # Its gradients at P2 were the largest of the step: see trainer/model/conv.py.
     shared = Conv2D(512, 3, padding="same", activation="relu", strides=anchor_stride,
-                    name="rpn_conv_shared", dtype=dtype)(feature_map)
+                    name="rpn_conv_shared", dtype=dtype,
+                    sparse_output_gradient=sparse_output_gradient)(feature_map)
     x = layers.Conv2D(2 * anchors_per_location, 1, name="rpn_class_raw", dtype=dtype)(shared)
     logits = layers.Reshape((-1, 2), dtype=dtype)(x)
     probs = layers.Activation("softmax", name="rpn_class_xxx", dtype="float32")(logits)
