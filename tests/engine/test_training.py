@@ -19,6 +19,7 @@ from trainer.engine.training import (
     LAYER_REGEX,
     ReleaseFreedHeap,
     TrainingDivergedError,
+    clip_by_global_norm,
     make_optimizer,
     release_freed_heap,
     resolve_layers,
@@ -207,6 +208,31 @@ def test_sgd_momentum_runs_in_place_with_keras_arithmetic():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
     kinds = {op.type for op in traced.get_concrete_function(grads[0]).graph.get_operations()}
     assert "ResourceApplyKerasMomentum" in kinds
+
+
+@pytest.mark.parametrize("values", [
+    [[300.0, 400.0], None, [1200.0]],  # norm 1300: scaled down to 5
+    [[0.3, 0.4], [1.2], None],         # norm 1.3: left as it is
+    [[np.nan, 1.0], [2.0]],            # Keras makes them all NaN
+])
+def test_clip_by_global_norm_is_keras_s(values):
+    from keras.src.optimizers.base_optimizer import clip_by_global_norm as keras_clip
+
+    gradients = [None if v is None else tf.constant(v, tf.float32) for v in values]
+    got = clip_by_global_norm(gradients, 5.0)
+    want = keras_clip(gradients, 5.0)
+    for g, w in zip(got, want, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-6)
+    # The optimizers clip with it: one L2Loss pass per gradient, no squared copies.
+    optimizer = make_optimizer(0.1, Config(GRADIENT_CLIP_NORM=5.0, LEARNING_MOMENTUM=0.9))
+    variables = [tf.Variable(tf.zeros_like(g)) for g in gradients if g is not None]
+    present = [g for g in gradients if g is not None]
+    graph = tf.function(lambda g: optimizer.apply(g, variables)).get_concrete_function(
+        present).graph
+    kinds = [op.type for op in graph.get_operations()]
+    assert kinds.count("L2Loss") == len(present) and "Square" not in kinds
 
 
 class InterruptAfterFirstEpoch(keras.callbacks.Callback):

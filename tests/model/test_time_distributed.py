@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from keras import layers
 
+from trainer.model import time_distributed
 from trainer.model.time_distributed import TimeDistributed, covers_its_input
 
 
@@ -77,3 +78,41 @@ def test_bfloat16_policy_computes_in_bfloat16():
     reference = wrapper.layer(tf.reshape(inputs, (3, 7, 7, 8)))
     np.testing.assert_allclose(tf.cast(outputs, tf.float32)[0, :, 0, 0],
                                tf.cast(reference, tf.float32)[:, 0, 0], rtol=2e-2, atol=2e-2)
+
+
+def _product_op_types(rows_shape, matrix_shape) -> set[str]:
+    spec = (tf.TensorSpec(rows_shape), tf.TensorSpec(matrix_shape))
+    graph = tf.function(time_distributed.matmul).get_concrete_function(*spec).graph
+    return {op.type for op in graph.get_operations()}
+
+
+def test_few_rows_times_a_wide_matrix_runs_by_column_blocks():
+    rng = np.random.default_rng(3)
+    rows = tf.constant(rng.normal(size=(12, 40)), tf.float32)
+    matrix = tf.constant(rng.normal(size=(40, 512)), tf.float32)
+
+    product, grads = _outputs_and_gradients(
+        lambda x: time_distributed.matmul(x, matrix), rows, [])
+    expected, expected_grads = _outputs_and_gradients(lambda x: tf.matmul(x, matrix), rows, [])
+    np.testing.assert_allclose(product, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[0], expected_grads[0], rtol=1e-5, atol=1e-5)
+    with tf.GradientTape() as tape:  # the matrix's gradient too
+        tape.watch(matrix)
+        got = tape.gradient(tf.reduce_sum(time_distributed.matmul(rows, matrix) ** 2), matrix)
+    with tf.GradientTape() as tape:
+        tape.watch(matrix)
+        want = tape.gradient(tf.reduce_sum(tf.matmul(rows, matrix) ** 2), matrix)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # 512 columns: four products of 128 (the module docstring has the timings).
+    assert "Split" in _product_op_types((256, 12544), (12544, 1024))
+    assert "Split" in _product_op_types((12, 40), (40, 512))
+
+
+@pytest.mark.parametrize(("rows_shape", "matrix_shape"), [
+    ((384, 40), (40, 512)),     # enough rows: one product is as fast
+    ((None, 40), (40, 512)),    # an unknown row count
+    ((64, 6272), (6272, 256)),  # the demo preset's classifier: too narrow
+    ((12, 40), (40, 520)),      # not a multiple of the block
+])
+def test_otherwise_one_matmul(rows_shape, matrix_shape):
+    assert "Split" not in _product_op_types(rows_shape, matrix_shape)

@@ -161,10 +161,25 @@ class AllReducedClipping:
             summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present)
                           if present else [])
             grads = [None if g is None else next(summed) for g in grads]
+        if self.global_clipnorm and self.global_clipnorm > 0 and not self.clipnorm:
+            return clip_by_global_norm(grads, self.global_clipnorm)
         return super()._clip_gradients(grads)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return list(grads_and_vars)  # summed in _clip_gradients already
+
+
+def clip_by_global_norm(gradients: list, clip_norm: float) -> list:
+    """`gradients` (None where a variable has none) times min(1, clip_norm / their global
+    norm), as Keras's `clip_by_global_norm` (a NaN or infinite norm makes every gradient NaN),
+    with each squared norm taken by `l2_loss` in one pass (Keras squares each gradient into a
+    temporary first: one more copy of all gradients, 176 MB for ResNet-50, each step)."""
+    present = [g for g in gradients if g is not None]
+    if not present:
+        return list(gradients)
+    norm = tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(tf.cast(g, tf.float32)) for g in present]))
+    scale = clip_norm * tf.minimum(1.0 / norm, 1.0 / clip_norm) + (norm - norm)
+    return [None if g is None else g * tf.cast(scale, g.dtype) for g in gradients]
 
 
 @keras.saving.register_keras_serializable(package="mrcnn")

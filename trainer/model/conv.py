@@ -45,23 +45,18 @@ and ReLU into it), and the weights, their names and the h5 layout are Conv2D's.
 
 from __future__ import annotations
 
-import functools
-
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
+
+from trainer.model.devices import accelerator_present
 
 MIN_INPUT_CHANNELS = 256
 MIN_PIXELS = 32 * 32
 # Above this share of live output pixels the dense gradients are cheaper (the sparse ones
 # gather k * k input rows and scatter k * k gradient rows per live pixel).
 MAX_LIVE_FRACTION = 0.25
-
-
-@functools.cache
-def _accelerator_present() -> bool:
-    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
 @keras.saving.register_keras_serializable(package="mrcnn")
@@ -103,7 +98,7 @@ def patch_gradient_applies(layer: layers.Conv2D, input_shape) -> bool:
     return (layer.compute_dtype == "float32" and _stride_one_same(layer)
             and layer.kernel_size[0] > 1 and layer.padding == "same"
             and channels is not None and channels >= MIN_INPUT_CHANNELS and large
-            and not _accelerator_present())
+            and not accelerator_present())
 
 
 def convolve_with_gradients(inputs, kernel, patch_gradient: bool = True,

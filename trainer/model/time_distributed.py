@@ -9,6 +9,15 @@ A convolution whose kernel covers its whole input (matterport's `mrcnn_class_con
 MatMul on the flattened ROIs with the kernel reshaped to [kh * kw * in, out]. oneDNN's
 convolution would reorder that 50 MB kernel into its blocked layout twice a training step
 (forward and input gradient), about 5 % of the 256 px step; MatMul reads it as it is.
+
+oneDNN's sgemm multiplies few rows by a wide matrix slowly on this 2-core AVX2 machine: the
+256 px step's [256, 12544] @ [12544, 1024] takes 74-81 ms (~85 GFLOP/s), the same product as
+eight [12544, 128] column blocks 44-48 ms, while its two gradient products run at 145-160
+GFLOP/s as they are. So below `MAX_BLOCKED_ROWS` rows and from `MIN_BLOCKED_COLUMNS` output
+columns the forward product runs by column blocks (`matmul`), measured (ms, plain / blocks):
+[256, 1024] @ [1024, 1024] 8.3 / 5.8; [256, 12544] @ [12544, 512] 33 / 26; [200, 12544] @
+[12544, 1024] 61 / 37; but [64, 6272] @ [6272, 256] (the demo preset) 2.4 / 3.7 and from 384
+rows up plain is as fast or faster (detect()'s 1000 ROIs: 166 / 168).
 """
 
 from __future__ import annotations
@@ -16,6 +25,12 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 from keras import layers
+
+from trainer.model.devices import accelerator_present
+
+BLOCK_COLUMNS = 128
+MAX_BLOCKED_ROWS = 384  # exclusive
+MIN_BLOCKED_COLUMNS = 512
 
 
 @keras.saving.register_keras_serializable(package="mrcnn")
@@ -48,9 +63,35 @@ def convolve_as_matmul(layer, inputs):
     [N, 1, 1, filters], the same arithmetic (kernel rows in the inputs' (h, w, c) order)."""
     kernel = keras.ops.cast(layer.kernel, layer.compute_dtype)
     rows = tf.reshape(inputs, [-1, inputs.shape[1] * inputs.shape[2] * inputs.shape[3]])
-    outputs = tf.matmul(rows, tf.reshape(kernel, [-1, layer.filters]))
+    outputs = matmul(rows, tf.reshape(kernel, [-1, layer.filters]))
     if layer.use_bias:
         outputs = tf.nn.bias_add(outputs, keras.ops.cast(layer.bias, layer.compute_dtype))
     if layer.activation is not None:
         outputs = layer.activation(outputs)
     return tf.reshape(outputs, [-1, 1, 1, layer.filters])
+
+
+def matmul(rows, matrix):
+    """rows [M, K] @ matrix [K, N]; by `BLOCK_COLUMNS`-wide column blocks of `matrix` for
+    float32 on CPU with a static M under `MAX_BLOCKED_ROWS` and N a multiple of the block from
+    `MIN_BLOCKED_COLUMNS` (see the module docstring), else one MatMul."""
+    count, columns = rows.shape[0], matrix.shape[1]
+    if (count is None or count >= MAX_BLOCKED_ROWS or columns is None
+            or columns < MIN_BLOCKED_COLUMNS or columns % BLOCK_COLUMNS
+            or rows.dtype != tf.float32 or accelerator_present()):
+        return tf.matmul(rows, matrix)
+    return _matmul_by_column_blocks(rows, matrix)
+
+
+@tf.custom_gradient
+def _matmul_by_column_blocks(rows, matrix):
+    """rows @ matrix as a concatenation of products with `BLOCK_COLUMNS`-wide slices of
+    `matrix`; the gradients are MatMul's own two products, whole."""
+    blocks = tf.split(matrix, matrix.shape[1] // BLOCK_COLUMNS, axis=1)
+    product = tf.concat([tf.matmul(rows, block) for block in blocks], axis=1)
+
+    def gradient(product_gradient):
+        return (tf.matmul(product_gradient, matrix, transpose_b=True),
+                tf.matmul(rows, product_gradient, transpose_a=True))
+
+    return product, gradient
