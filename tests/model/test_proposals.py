@@ -39,6 +39,11 @@ def test_selections_equal_the_kernel_nms_with_and_without_xla(threshold, max_out
     np.testing.assert_array_equal(graph.numpy(), expected)
     kernels = tf.function(lambda b, s: nms_kernel(b, s, max_output, threshold))
     np.testing.assert_array_equal(kernels(boxes, scores).numpy(), expected)
+    # A batch size known when traced runs one kernel per image; an unknown one, a loop.
+    looped = tf.function(lambda b, s: nms_kernel(b, s, max_output, threshold),
+                         input_signature=[tf.TensorSpec([None, None, 4]),
+                                          tf.TensorSpec([None, None])])
+    np.testing.assert_array_equal(looped(boxes, scores).numpy(), expected)
     compiled = tf.function(
         lambda b, s: nms_padded(b, s, max_output, threshold), jit_compile=True)
     np.testing.assert_array_equal(compiled(boxes, scores).numpy(), expected)
