@@ -22,7 +22,9 @@ utilisation. Stages come from the layer each op belongs to (its name scope):
 FLOPs are 2 per multiply-add of convolutions and dense layers (which hold nearly all of
 them), forward plus backward (twice the forward: input and weight gradients), useful work
 only: the classifier head over TRAIN_ROIS_PER_IMAGE sampled ROIs, the mask head over the
-positive ROIs the targets layer actually found (padded slots do not count).
+positive ROIs the targets layer actually found (padded slots do not count), the RPN head's
+backward over the pixels under the anchors its losses sampled (elsewhere its output gradient
+is zero, and trainer/model/conv.py skips those pixels).
 """
 
 from __future__ import annotations
@@ -111,11 +113,13 @@ def conv_macs(layer, inputs_shape, outputs_shape) -> int:
                * kernel[3])
 
 
-def step_flops(keras_model, config, positives_per_image: float) -> dict:
+def step_flops(keras_model, config, positives_per_image: float,
+               rpn_live_pixels_per_image: float) -> dict:
     """Forward + backward FLOPs of one training step, by stage (see the module docstring)."""
     import keras
 
-    forward = collections.Counter({"rpn_head": rpn_head_macs(keras_model, config)})
+    rpn_per_pixel, rpn_pixels = rpn_head_macs(keras_model, config)
+    forward = collections.Counter({"rpn_head": rpn_per_pixel * rpn_pixels * config.BATCH_SIZE})
     for layer in keras_model.layers:
         wrapped = layer.layer if isinstance(layer, keras.layers.TimeDistributed) else layer
         if isinstance(layer, keras.Model) or not hasattr(wrapped, "kernel"):
@@ -129,13 +133,17 @@ def step_flops(keras_model, config, positives_per_image: float) -> dict:
         else:
             forward[stage] += conv_macs(wrapped, layer.input.shape, layer.output.shape) \
                 * config.BATCH_SIZE
-    # 2 FLOPs per multiply-add; backward (input and weight gradients) is twice the forward.
+    # 2 FLOPs per multiply-add; backward (input and weight gradients) is twice the forward,
+    # the RPN head's over the live pixels only.
     by_stage = {stage: 2 * 3 * macs for stage, macs in forward.items()}
+    by_stage["rpn_head"] = 2 * rpn_per_pixel * config.BATCH_SIZE * (
+        rpn_pixels + 2 * rpn_live_pixels_per_image)
     return {"total": sum(by_stage.values()), "by_stage": by_stage}
 
 
-def rpn_head_macs(keras_model, config) -> int:
-    """The RPN head runs on every FPN level P2..P6: its convs over each level's pixels."""
+def rpn_head_macs(keras_model, config) -> tuple[int, int]:
+    """The RPN head runs on every FPN level P2..P6: (its multiply-adds per pixel, the pixels of
+    one image's levels)."""
     rpn = keras_model.get_layer("rpn_model")
     side = int(config.IMAGE_SHAPE[0])
     pixels = sum((side // stride) ** 2 for stride in config.BACKBONE_STRIDES)
@@ -144,7 +152,7 @@ def rpn_head_macs(keras_model, config) -> int:
         if hasattr(layer, "kernel"):
             k = layer.kernel.shape
             per_pixel += int(k[0] * k[1] * k[2] * k[3])
-    return per_pixel * pixels * config.BATCH_SIZE
+    return per_pixel, pixels
 
 
 def profile(config_path: str, overrides: list[str], steps: int, warmup: int,
@@ -165,6 +173,12 @@ def profile(config_path: str, overrides: list[str], steps: int, warmup: int,
                           keras_model.get_layer("proposal_targets").output)
     target_class_ids = np.asarray(targets.predict_on_batch(batch)[1])  # [B, ROIs]
     positives = float(np.mean(np.sum(target_class_ids > 0, axis=-1)))
+    # Pixels under the anchors the RPN losses read: anchors are in (level, row, column, ratio)
+    # order, ANCHORS_PER_LOCATION per pixel.
+    rpn_match = np.asarray(batch["input_rpn_match"]).reshape(config.BATCH_SIZE, -1)
+    rpn_live = float(np.mean([
+        np.unique(np.flatnonzero(match) // config.ANCHORS_PER_LOCATION).size
+        for match in rpn_match]))
 
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
@@ -193,7 +207,7 @@ def profile(config_path: str, overrides: list[str], steps: int, warmup: int,
     shares = {stage: {d: round(cpu[(stage, d)] / total_cpu, 4) for d in ("forward", "backward")}
               for stage in STAGES}
 
-    flops = step_flops(keras_model, config, positives)
+    flops = step_flops(keras_model, config, positives, rpn_live)
     peak = matmul_peak_gflops()
     achieved = flops["total"] / seconds / 1e9
     return {
@@ -209,6 +223,7 @@ def profile(config_path: str, overrides: list[str], steps: int, warmup: int,
         "cpu_share_by_stage": shares,
         "top_ops": {name: round(ps / total_cpu, 4) for name, ps in by_op.most_common(top)},
         "positive_rois_per_image": positives,
+        "rpn_live_pixels_per_image": rpn_live,
         "gflops_per_step": round(flops["total"] / 1e9, 2),
         "gflops_per_step_by_stage": {k: round(v / 1e9, 2) for k, v in flops["by_stage"].items()},
         "matmul_peak_gflops": round(peak, 1),
