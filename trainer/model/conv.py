@@ -101,8 +101,7 @@ def patch_gradient_applies(layer: layers.Conv2D, input_shape) -> bool:
             and not accelerator_present())
 
 
-def convolve_with_gradients(inputs, kernel, patch_gradient: bool = True,
-                            sparse_gradient: bool = False):
+def convolve_with_gradients(inputs, kernel, *, patch_gradient: bool, sparse_gradient: bool):
     """A stride-1 "same" convolution of inputs [N, H, W, C] with kernel [k, k, C, F], k odd:
     TensorFlow's forward; for the gradients, `sparse_convolution_gradients` when asked for and
     the output gradient is mostly zero, else TensorFlow's input gradient and, with
@@ -127,14 +126,13 @@ def convolve_with_gradients(inputs, kernel, patch_gradient: bool = True,
         def gradient(output_gradient):
             if not sparse_gradient:
                 return dense(output_gradient)
-            rows = tf.reshape(output_gradient, [-1, tf.shape(output_gradient)[-1]])
-            live = tf.where(tf.reduce_any(rows != 0, axis=-1))[:, 0]
+            rows = tf.reshape(output_gradient, [-1, kernel.shape[-1]])
+            live = tf.cast(tf.where(tf.reduce_any(rows != 0, axis=-1))[:, 0], tf.int32)
             few = tf.cast(tf.size(live), tf.float32) <= (
                 MAX_LIVE_FRACTION * tf.cast(tf.shape(rows)[0], tf.float32))
-            return tf.cond(
-                few,
-                lambda: sparse_convolution_gradients(inputs, kernel, rows, tf.cast(live, tf.int32)),
-                lambda: dense(output_gradient))
+            return tf.cond(few,
+                           lambda: sparse_convolution_gradients(inputs, kernel, rows, live),
+                           lambda: dense(output_gradient))
 
         return outputs, gradient
 
