@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from functools import lru_cache
 from typing import TypeVar
 
 import numpy as np
@@ -57,6 +58,35 @@ def mold_inputs(images: Sequence[np.ndarray], config: Config) -> tuple[np.ndarra
     return np.stack(molded), np.stack(metas)
 
 
+@lru_cache(maxsize=256)
+def _bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] weights of tf.image.resize's bilinear resize along one axis (half-pixel
+    centres, no antialias, up or down): output pixel i samples the input at
+    (i + 0.5) * in_size / out_size - 0.5 from its two neighbours, clamped to the edge pixels.
+    Resizing is separable, so a [h0, w0] map resizes to [h, w] as Wy @ map @ Wx.T; cached since
+    a model's masks share one size and boxes repeat sizes. Read-only: callers share it."""
+    # In float32 as TF's kernel: in float64 the sample points move by up to ~2e-5 px at 300 px.
+    scale = np.float32(in_size) / np.float32(out_size)
+    source = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    below = np.floor(source)
+    fraction = source - below
+    rows = np.arange(out_size)
+    weights = np.zeros((out_size, in_size), np.float32)  # float32 matmuls: twice float64's speed
+    weights[rows, np.clip(below, 0, in_size - 1).astype(np.intp)] = 1 - fraction
+    # +=: outside the input's first and last centres both neighbours clamp to the edge pixel.
+    weights[rows, np.clip(below + 1, 0, in_size - 1).astype(np.intp)] += fraction
+    weights.flags.writeable = False
+    return weights
+
+
+def _resize_bilinear(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[h0, w0] map -> [height, width] (float32 for a float32 map), as tf.image.resize(mask[...,
+    None], (height, width), method="bilinear")[..., 0] to float rounding, in numpy: no TF op per
+    mask."""
+    return (_bilinear_weights(mask.shape[0], height) @ mask
+            @ _bilinear_weights(mask.shape[1], width).T)
+
+
 def unmold_mask(mask: np.ndarray, box: np.ndarray, image_shape: tuple[int, int],
                 threshold: float = 0.5) -> np.ndarray:
     """A [h, w] mask probability map of `box` (y1, x1, y2, x2 pixels, exclusive ends) -> bool
@@ -65,8 +95,7 @@ def unmold_mask(mask: np.ndarray, box: np.ndarray, image_shape: tuple[int, int],
     full = np.zeros(image_shape[:2], dtype=bool)
     if y2 <= y1 or x2 <= x1:
         return full
-    resized = tf.image.resize(mask[..., None], (y2 - y1, x2 - x1), method="bilinear")
-    full[y1:y2, x1:x2] = resized.numpy()[..., 0] >= threshold
+    full[y1:y2, x1:x2] = _resize_bilinear(mask, y2 - y1, x2 - x1) >= threshold
     return full
 
 
@@ -99,6 +128,9 @@ def unmold_detections(detections: np.ndarray, mrcnn_mask: np.ndarray, original_s
 
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     boxes, class_ids, scores, masks = boxes[keep], class_ids[keep], scores[keep], masks[keep]
-    full = [unmold_mask(m, b, (oh, ow)) for m, b in zip(masks, boxes, strict=True)]
-    full_masks = np.stack(full, axis=-1) if full else np.zeros((oh, ow, 0), dtype=bool)
+    # As unmold_mask for each detection, pasted into one array: stacking a full-image mask per
+    # detection cost more than all the resizes.
+    full_masks = np.zeros((oh, ow, len(boxes)), dtype=bool)
+    for i, (mask, (y1, x1, y2, x2)) in enumerate(zip(masks, boxes.tolist(), strict=True)):
+        full_masks[y1:y2, x1:x2, i] = _resize_bilinear(mask, y2 - y1, x2 - x1) >= 0.5
     return {"rois": boxes, "class_ids": class_ids, "scores": scores, "masks": full_masks}
