@@ -206,3 +206,35 @@ def test_the_rpn_shared_conv_asks_for_it_unless_xla():
     assert build_rpn_model(1, 3, 256).get_layer("rpn_conv_shared").sparse_output_gradient is False
     restored = conv.Conv2D.from_config(shared.get_config() | {"sparse_output_gradient": True})
     assert restored.sparse_output_gradient is True
+
+
+@pytest.mark.parametrize(("shape", "kernel"), [((1, 32, 32, 256), 3), ((1, 32, 48, 256), 5)])
+def test_one_image_runs_its_forward_by_tiles_with_keras_results(shape, kernel):
+    kwargs = dict(filters=8, kernel_size=kernel, padding="same", activation="relu")
+    ours, keras_conv = _twin(kwargs, shape)
+    assert conv.tiles_apply(ours, shape)
+    rng = np.random.default_rng(3)
+    # Distinct values everywhere: a tile cut one pixel off, a missing border or quadrants put
+    # back in the wrong place change the outputs.
+    inputs = tf.constant(rng.normal(size=shape), tf.float32)
+    upstream = tf.constant(rng.normal(size=(*shape[:3], 8)), tf.float32)
+    outputs, grads = _outputs_and_gradients(ours, inputs, upstream)
+    expected, expected_grads = _outputs_and_gradients(keras_conv, inputs, upstream)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    graph = tf.function(ours).get_concrete_function(inputs).graph
+    [convolution] = [op for op in graph.get_operations() if op.type == "Conv2D"]
+    assert convolution.inputs[0].shape[0] == 4  # the four quadrants, one batch
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 32, 256),   # two images: no faster by tiles
+                                   (1, 33, 32, 256),   # odd height
+                                   (1, 16, 16, 256),   # too small a map
+                                   (1, 32, 32, 64)])   # too few channels
+def test_tiles_only_for_one_image_of_even_size(shape):
+    ours, _ = _twin(dict(filters=4, kernel_size=3, padding="same"), shape)
+    assert not conv.tiles_apply(ours, shape)
+    graph = tf.function(ours).get_concrete_function(tf.zeros(shape)).graph
+    assert [op.inputs[0].shape[0] for op in graph.get_operations()
+            if op.type == "Conv2D"] == [shape[0]]

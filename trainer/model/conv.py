@@ -1,6 +1,7 @@
-"""Conv2D with cheaper gradients where its output gradient or its shape allows.
+"""Conv2D with cheaper gradients where its output gradient or its shape allows, and a faster
+forward for one image.
 
-Two paths, each exact (the same sums, summed in another order) and chosen per layer:
+Three paths, each exact (the same sums, summed in another order) and chosen per layer:
 
 1. **Sparse output gradient** (`sparse_output_gradient=True`, the RPN's shared conv). The RPN's
    losses read only the anchors sampled for them (`RPN_TRAIN_ANCHORS_PER_IMAGE`, 256 per image),
@@ -34,13 +35,23 @@ live pixels per image: dense (oneDNN input gradient + patch weight gradient) 272
     128 -> 128    32x32    8.2      8.2
      64 ->  64    64x64    11.7     13.6     ResNet stage 2: slower, so not used there
 
+3. **Tiled forward for one image** (`tiles_apply`, `convolve_by_tiles`). With a batch of one
+   image, oneDNN's forward convolution on this AVX2 machine runs at half speed: 256 -> 256 at
+   64x64 (fpn_p2 in `detect()`) 78-88 ms, 59 GFLOP/s, where the mask head's 100 ROIs run the
+   same kernel at 160-180. Cut into its four quadrants, each with the one-pixel border its 3x3
+   windows read, and stacked as a batch of four, the same convolution ("valid" on each tile)
+   takes 33-37 ms; 256 -> 256 at 32x32 23 -> 12 ms, 256 -> 512 at 64x64 79-86 -> 68-73 ms; with
+   two images it is no faster (66-68 vs 70-72 ms), so it is for batch 1 only. The same sums
+   over the same windows: outputs equal to float rounding.
+
 Where the patch product applies (`patch_gradient_applies`): float32, channels last, an odd
 square kernel larger than 1x1, stride 1, no dilation, one group, "same" padding, at least
 `MIN_INPUT_CHANNELS` input channels and `MIN_PIXELS` pixels per map, and no GPU or TPU present
-(cuDNN's gradients are better there). The sparse path needs the same shape of convolution (any
-float dtype, any size, 1x1 included) and is asked for by the layer. Elsewhere it is Keras's
-Conv2D. Either way the forward pass is TensorFlow's own convolution (oneDNN still fuses the bias
-and ReLU into it), and the weights, their names and the h5 layout are Conv2D's.
+(cuDNN's gradients are better there); the tiled forward, where the patch product applies to a
+batch of one image of even height and width. The sparse path needs the same shape of
+convolution (any float dtype, any size, 1x1 included) and is asked for by the layer. Elsewhere
+it is Keras's Conv2D. Except on tiles the forward pass is TensorFlow's own convolution (oneDNN
+still fuses the bias and ReLU into it); the weights, their names and the h5 layout are Conv2D's.
 """
 
 from __future__ import annotations
@@ -75,7 +86,8 @@ class Conv2D(layers.Conv2D):
         if not (patches or sparse):
             return super().convolution_op(inputs, kernel)
         return convolve_with_gradients(inputs, tf.convert_to_tensor(kernel),
-                                       patch_gradient=patches, sparse_gradient=sparse)
+                                       patch_gradient=patches, sparse_gradient=sparse,
+                                       tiled_forward=tiles_apply(self, inputs.shape))
 
     def get_config(self):
         return {**super().get_config(), "sparse_output_gradient": self.sparse_output_gradient}
@@ -101,15 +113,45 @@ def patch_gradient_applies(layer: layers.Conv2D, input_shape) -> bool:
             and not accelerator_present())
 
 
-def convolve_with_gradients(inputs, kernel, *, patch_gradient: bool, sparse_gradient: bool):
+def tiles_apply(layer: layers.Conv2D, input_shape) -> bool:
+    """Whether `layer` on inputs of `input_shape` runs its forward by `convolve_by_tiles`: where
+    the patch weight gradient applies, on one image of known, even height and width."""
+    batch, height, width, _ = tuple(input_shape)
+    return (batch == 1 and height is not None and width is not None
+            and height % 2 == 0 and width % 2 == 0 and patch_gradient_applies(layer, input_shape))
+
+
+def convolve_by_tiles(inputs, kernel):
+    """A stride-1 "same" convolution of one image [1, H, W, C] (H, W even) with kernel
+    [k, k, C, F], k odd, as four "valid" convolutions of its quadrants batched together (each
+    quadrant with the border of k // 2 pixels its windows read, zeros outside the image)."""
+    _, height, width, _ = inputs.shape
+    half, filters = kernel.shape[0] // 2, kernel.shape[-1]
+    rows, columns = height // 2, width // 2
+    padded = tf.pad(inputs, [[0, 0], [half, half], [half, half], [0, 0]])
+    tiles = tf.concat([padded[:, r * rows:(r + 1) * rows + 2 * half,
+                              c * columns:(c + 1) * columns + 2 * half]
+                       for r in (0, 1) for c in (0, 1)], axis=0)
+    outputs = tf.nn.conv2d(tiles, kernel, strides=1, padding="VALID")  # [4, rows, columns, F]
+    # (tile row, tile column, row, column) -> (tile row, row, tile column, column)
+    outputs = tf.transpose(tf.reshape(outputs, [2, 2, rows, columns, filters]), [0, 2, 1, 3, 4])
+    return tf.reshape(outputs, [1, height, width, filters])
+
+
+def convolve_with_gradients(inputs, kernel, *, patch_gradient: bool, sparse_gradient: bool,
+                            tiled_forward: bool):
     """A stride-1 "same" convolution of inputs [N, H, W, C] with kernel [k, k, C, F], k odd:
-    TensorFlow's forward; for the gradients, `sparse_convolution_gradients` when asked for and
-    the output gradient is mostly zero, else TensorFlow's input gradient and, with
-    `patch_gradient`, `patch_weight_gradient` for the kernel (TensorFlow's otherwise)."""
+    TensorFlow's forward (by `convolve_by_tiles` with `tiled_forward`); for the gradients,
+    `sparse_convolution_gradients` when asked for and the output gradient is mostly zero, else
+    TensorFlow's input gradient and, with `patch_gradient`, `patch_weight_gradient` for the
+    kernel (TensorFlow's otherwise)."""
 
     @tf.custom_gradient
     def convolve(inputs, kernel):
-        outputs = tf.nn.conv2d(inputs, kernel, strides=1, padding="SAME")
+        if tiled_forward:
+            outputs = convolve_by_tiles(inputs, kernel)
+        else:
+            outputs = tf.nn.conv2d(inputs, kernel, strides=1, padding="SAME")
 
         def dense(output_gradient):
             input_gradient = tf.raw_ops.Conv2DBackpropInput(
