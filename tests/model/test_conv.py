@@ -48,6 +48,21 @@ def _twin(layer_kwargs, input_shape, seed=0, **ours_only):
     return ours, keras_conv
 
 
+def _assert_keras_results(ours, keras_conv, shape, seed):
+    """Our layer's outputs and its three gradients (input, kernel, bias) equal Keras's on
+    random inputs (distinct values everywhere) and upstream gradients; returns the inputs."""
+    rng = np.random.default_rng(seed)
+    inputs = tf.constant(rng.normal(size=shape), tf.float32)
+    upstream = tf.constant(rng.normal(size=(*shape[:3], ours.filters)), tf.float32)
+    outputs, grads = _outputs_and_gradients(ours, inputs, upstream)
+    expected, expected_grads = _outputs_and_gradients(keras_conv, inputs, upstream)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+    assert len(grads) == 3
+    for got, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    return inputs
+
+
 @pytest.mark.parametrize(("shape", "kernel", "activation"), [
     ((2, 32, 32, 256), 3, "relu"),       # the RPN / FPN case
     ((1, 33, 40, 256), 5, None),         # odd, not square, a wider kernel
@@ -56,16 +71,7 @@ def test_patch_gradient_equals_the_convolutions(shape, kernel, activation):
     kwargs = dict(filters=8, kernel_size=kernel, padding="same", activation=activation)
     ours, keras_conv = _twin(kwargs, shape)
     assert conv.patch_gradient_applies(ours, shape)
-    rng = np.random.default_rng(1)
-    inputs = tf.constant(rng.normal(size=shape), tf.float32)
-    upstream = tf.constant(rng.normal(size=(*shape[:3], 8)), tf.float32)
-
-    outputs, grads = _outputs_and_gradients(ours, inputs, upstream)
-    expected, expected_grads = _outputs_and_gradients(keras_conv, inputs, upstream)
-    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
-    assert len(grads) == 3  # input, kernel, bias
-    for got, want in zip(grads, expected_grads, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    inputs = _assert_keras_results(ours, keras_conv, shape, seed=1)
     # The product ran (a silent fallback to Keras's gradient would pass the checks above).
     op_types = _gradient_op_types(ours, inputs)
     assert {"ExtractImagePatches", "MatMul"} <= op_types
@@ -213,16 +219,9 @@ def test_one_image_runs_its_forward_by_tiles_with_keras_results(shape, kernel):
     kwargs = dict(filters=8, kernel_size=kernel, padding="same", activation="relu")
     ours, keras_conv = _twin(kwargs, shape)
     assert conv.tiles_apply(ours, shape)
-    rng = np.random.default_rng(3)
     # Distinct values everywhere: a tile cut one pixel off, a missing border or quadrants put
     # back in the wrong place change the outputs.
-    inputs = tf.constant(rng.normal(size=shape), tf.float32)
-    upstream = tf.constant(rng.normal(size=(*shape[:3], 8)), tf.float32)
-    outputs, grads = _outputs_and_gradients(ours, inputs, upstream)
-    expected, expected_grads = _outputs_and_gradients(keras_conv, inputs, upstream)
-    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, expected_grads, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    inputs = _assert_keras_results(ours, keras_conv, shape, seed=3)
     graph = tf.function(ours).get_concrete_function(inputs).graph
     [convolution] = [op for op in graph.get_operations() if op.type == "Conv2D"]
     assert convolution.inputs[0].shape[0] == 4  # the four quadrants, one batch
