@@ -99,9 +99,10 @@ _SCHEMA: dict[str, tuple[Any, str]] = {
     "MIXED_PRECISION": ("none", "str"),
     "JIT_COMPILE": (False, "bool"),
     # Execution only (same weights, same results): "dynamic" runs the training graph's mask
-    # head on the positive ROIs the targets layer found (a shape known at run time: CPU, GPU);
-    # "static" on all MAX_POSITIVE_ROIS slots, padding included (fixed shapes: XLA, TPU;
-    # JIT_COMPILE true takes the static path whatever this says).
+    # head on the positive ROIs the targets layer found and the inference graph's on the
+    # detections found (shapes known at run time: CPU, GPU); "static" on all MAX_POSITIVE_ROIS
+    # / DETECTION_MAX_INSTANCES slots, padding included (fixed shapes: XLA, TPU; JIT_COMPILE
+    # true takes the static path whatever this says). Empty detection slots' masks: 0.5.
     "MASK_HEAD_ROIS": ("dynamic", "str"),
 }
 DERIVED_KEYS = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")

@@ -1,6 +1,7 @@
-"""MASK_HEAD_ROIS only changes how the training graph runs the mask head: on the positives
-found ("dynamic") or on every positive slot, padding included ("static"). Same weights, same
-losses, same gradients; and an image with no positive ROI at all still trains."""
+"""MASK_HEAD_ROIS only changes how the graphs run the mask head: in training on the positives
+found ("dynamic") or on every positive slot, padding included ("static"), at inference on the
+detections found or on every detection slot. Same weights, same losses, same gradients, same
+masks; and an image with no positive ROI at all still trains."""
 
 import keras
 import numpy as np
@@ -10,7 +11,8 @@ import tensorflow as tf
 from trainer.config import Config
 from trainer.data import shapes
 from trainer.data.memory import examples_dataset
-from trainer.model.mask_rcnn import build_training_model
+from trainer.engine.inference import mold_inputs
+from trainer.model.mask_rcnn import build_inference_model, build_training_model
 
 OVERRIDES = ["NORM=batch", "TRAIN_BN=true", "TOP_DOWN_PYRAMID_SIZE=64",
              "FPN_CLASSIF_FC_LAYERS_SIZE=64", "PROPOSALS_INCLUDE_GT=true"]
@@ -75,3 +77,39 @@ def test_no_positive_roi_trains_with_a_zero_mask_loss():
     assert all(np.isfinite(v) for v in losses.values())
     assert all(np.all(np.isfinite(np.asarray(g))) for g in gradients.values() if g is not None)
 
+
+
+def _inference_outputs(config, weights_from=None):
+    model = build_inference_model(config)
+    if weights_from is not None:
+        for layer in [la for la in weights_from.layers if la.weights]:
+            model.get_layer(layer.name).set_weights(layer.get_weights())
+    images = np.stack([shapes.generate_sample(seed, 128, 128, 2, 3).image for seed in (5, 6)])
+    molded, metas = mold_inputs(list(images), config)
+    detections, _, _, masks, *_ = model.predict_on_batch([molded, metas])
+    return model, np.asarray(detections), np.asarray(masks)
+
+
+def test_inference_runs_the_mask_head_on_the_detections_found_with_static_masks():
+    # A threshold between the random model's scores: some slots hold detections, some not.
+    keras.utils.set_random_seed(0)
+    config = Config.from_yaml("configs/demo.yaml", OVERRIDES + ["IMAGES_PER_GPU=2"])
+    probe, probe_detections, _ = _inference_outputs(
+        config.replace(MASK_HEAD_ROIS="static", DETECTION_MIN_CONFIDENCE=0.0))
+    scores = probe_detections[..., 5][probe_detections[..., 4] > 0]
+    threshold = float(np.median(scores))
+
+    outputs = {}
+    for rois in ("dynamic", "static"):
+        model, detections, masks = _inference_outputs(
+            config.replace(MASK_HEAD_ROIS=rois, DETECTION_MIN_CONFIDENCE=threshold),
+            weights_from=probe)
+        outputs[rois] = detections, masks
+        layer_names = {layer.name for layer in model.layers}
+        assert ("detected_rois" in layer_names) is (rois == "dynamic")
+    detections, masks = outputs["dynamic"]
+    np.testing.assert_array_equal(detections, outputs["static"][0])
+    found = detections[..., 4] > 0
+    assert 0 < found.sum() < found.size  # real detections and empty slots
+    np.testing.assert_allclose(masks[found], outputs["static"][1][found], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(masks[~found], 0.5)  # sigmoid(0): the head did not run

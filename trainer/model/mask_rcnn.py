@@ -169,9 +169,22 @@ def build_inference_model(config: Config) -> keras.Model:
         config.DETECTION_NMS_THRESHOLD, config.BBOX_STD_DEV, name="mrcnn_detection",
     )([rpn_rois, class_probs, bbox, meta])
     detection_boxes = layers.Lambda(lambda d: d[..., :4], name="detection_boxes")(detections)
-    mask_logits = mask_head(detection_boxes, feature_maps, meta, pool_size=config.MASK_POOL_SIZE,
-                            num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN,
-                            norm=config.NORM, dtype=dtype, sampler=sampler)
+    slots = config.DETECTION_MAX_INSTANCES
+    head = dict(pool_size=config.MASK_POOL_SIZE, num_classes=config.NUM_CLASSES,
+                train_bn=config.TRAIN_BN, norm=config.NORM, dtype=dtype, sampler=sampler)
+    if config.MASK_HEAD_ROIS == "dynamic" and not config.JIT_COMPILE:
+        # The detections found, not the DETECTION_MAX_INSTANCES slots: a trained model fills
+        # few of them, and the mask head costs ~6 ms per slot at 256 px on 2 CPU cores. The
+        # empty slots' masks are sigmoid(0) = 0.5 (their detection rows are zeros).
+        detected = layers.Lambda(lambda d: d[..., 4] > 0, name="detection_valid")(detections)
+        found_rois, found_images, found_valid, found_slots = PositiveRois(
+            slots, name="detected_rois")([detection_boxes, detected])
+        found_logits = mask_head(found_rois, feature_maps, meta, roi_valid=found_valid,
+                                 image_indices=found_images, **head)
+        mask_logits = ToSlots(slots, name="detection_slots")(
+            [found_logits, found_slots, detected])
+    else:  # every slot: fixed shapes for XLA
+        mask_logits = mask_head(detection_boxes, feature_maps, meta, **head)
     masks = layers.Activation("sigmoid", name="mrcnn_mask_probs", dtype="float32")(mask_logits)
     return keras.Model(
         [image, meta], [detections, class_probs, bbox, masks, rpn_rois, rpn_class, rpn_bbox],
