@@ -91,12 +91,17 @@ def unmold_mask(mask: np.ndarray, box: np.ndarray, image_shape: tuple[int, int],
                 threshold: float = 0.5) -> np.ndarray:
     """A [h, w] mask probability map of `box` (y1, x1, y2, x2 pixels, exclusive ends) -> bool
     full-image mask [H, W]."""
-    y1, x1, y2, x2 = (int(v) for v in box)
     full = np.zeros(image_shape[:2], dtype=bool)
-    if y2 <= y1 or x2 <= x1:
-        return full
-    full[y1:y2, x1:x2] = _resize_bilinear(mask, y2 - y1, x2 - x1) >= threshold
+    _paste_mask(full, mask, box, threshold)
     return full
+
+
+def _paste_mask(full: np.ndarray, mask: np.ndarray, box, threshold: float) -> None:
+    """Writes `mask` resized to `box` and thresholded into the bool [H, W] array `full` (a view
+    is fine); an empty box writes nothing."""
+    y1, x1, y2, x2 = (int(v) for v in box)
+    if y2 > y1 and x2 > x1:
+        full[y1:y2, x1:x2] = _resize_bilinear(mask, y2 - y1, x2 - x1) >= threshold
 
 
 def unmold_detections(detections: np.ndarray, mrcnn_mask: np.ndarray, original_shape,
@@ -128,9 +133,9 @@ def unmold_detections(detections: np.ndarray, mrcnn_mask: np.ndarray, original_s
 
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     boxes, class_ids, scores, masks = boxes[keep], class_ids[keep], scores[keep], masks[keep]
-    # As unmold_mask for each detection, pasted into one array: stacking a full-image mask per
-    # detection cost more than all the resizes.
+    # Pasted into one array: stacking a full-image mask per detection cost more than all the
+    # resizes.
     full_masks = np.zeros((oh, ow, len(boxes)), dtype=bool)
-    for i, (mask, (y1, x1, y2, x2)) in enumerate(zip(masks, boxes.tolist(), strict=True)):
-        full_masks[y1:y2, x1:x2, i] = _resize_bilinear(mask, y2 - y1, x2 - x1) >= 0.5
+    for i, (mask, box) in enumerate(zip(masks, boxes, strict=True)):
+        _paste_mask(full_masks[..., i], mask, box, threshold=0.5)
     return {"rois": boxes, "class_ids": class_ids, "scores": scores, "masks": full_masks}
