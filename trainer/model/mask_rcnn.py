@@ -112,24 +112,15 @@ def build_training_model(config: Config) -> MaskRCNNTrainingModel:
     # mask head on the others would cost most of the step and change nothing. Its BatchNorm
     # statistics come from the slots that hold a positive ROI (not from padding).
     slots = config.MAX_POSITIVE_ROIS
-    # XLA needs fixed shapes: JIT_COMPILE takes the static path.
-    if config.MASK_HEAD_ROIS == "dynamic" and not config.JIT_COMPILE:  # the positives found
-        found_rois, found_images, found_valid, found_slots = PositiveRois(
-            slots, name="positive_rois")([rois, roi_valid])
-        found_logits = mask_head(found_rois, feature_maps, meta,
-                                 pool_size=config.MASK_POOL_SIZE, num_classes=config.NUM_CLASSES,
-                                 train_bn=config.TRAIN_BN, roi_valid=found_valid,
-                                 norm=config.NORM, image_indices=found_images,
-                                 dtype=dtype, sampler=sampler)
-        mask_logits = ToSlots(slots, name="positive_slots")(
-            [found_logits, found_slots, roi_valid])
+    head = _mask_head_settings(config, dtype, sampler)
+    if _mask_head_on_found(config):  # the positives found
+        mask_logits = _mask_head_in_slots(rois, roi_valid, slots, feature_maps, meta, head,
+                                          names=("positive_rois", "positive_slots"))
     else:  # all MAX_POSITIVE_ROIS slots: fixed shapes for XLA
         positive_rois = layers.Lambda(lambda r: r[:, :slots], name="positive_rois")(rois)
         positive_valid = layers.Lambda(lambda v: v[:, :slots], name="positive_valid")(roi_valid)
-        mask_logits = mask_head(positive_rois, feature_maps, meta,
-                                pool_size=config.MASK_POOL_SIZE, num_classes=config.NUM_CLASSES,
-                                train_bn=config.TRAIN_BN, roi_valid=positive_valid,
-                                norm=config.NORM, dtype=dtype, sampler=sampler)
+        mask_logits = mask_head(positive_rois, feature_maps, meta, roi_valid=positive_valid,
+                                **head)
     outputs = {
         "rpn_class_logits": rpn_class_logits,
         "rpn_bbox": rpn_bbox,
@@ -169,26 +160,44 @@ def build_inference_model(config: Config) -> keras.Model:
         config.DETECTION_NMS_THRESHOLD, config.BBOX_STD_DEV, name="mrcnn_detection",
     )([rpn_rois, class_probs, bbox, meta])
     detection_boxes = layers.Lambda(lambda d: d[..., :4], name="detection_boxes")(detections)
-    slots = config.DETECTION_MAX_INSTANCES
-    head = dict(pool_size=config.MASK_POOL_SIZE, num_classes=config.NUM_CLASSES,
-                train_bn=config.TRAIN_BN, norm=config.NORM, dtype=dtype, sampler=sampler)
-    if config.MASK_HEAD_ROIS == "dynamic" and not config.JIT_COMPILE:
+    head = _mask_head_settings(config, dtype, sampler)
+    if _mask_head_on_found(config):
         # The detections found, not the DETECTION_MAX_INSTANCES slots: a trained model fills
         # few of them, and the mask head costs ~6 ms per slot at 256 px on 2 CPU cores. The
         # empty slots' masks are sigmoid(0) = 0.5 (their detection rows are zeros).
         detected = layers.Lambda(lambda d: d[..., 4] > 0, name="detection_valid")(detections)
-        found_rois, found_images, found_valid, found_slots = PositiveRois(
-            slots, name="detected_rois")([detection_boxes, detected])
-        found_logits = mask_head(found_rois, feature_maps, meta, roi_valid=found_valid,
-                                 image_indices=found_images, **head)
-        mask_logits = ToSlots(slots, name="detection_slots")(
-            [found_logits, found_slots, detected])
+        mask_logits = _mask_head_in_slots(detection_boxes, detected,
+                                          config.DETECTION_MAX_INSTANCES, feature_maps, meta,
+                                          head, names=("detected_rois", "detection_slots"))
     else:  # every slot: fixed shapes for XLA
         mask_logits = mask_head(detection_boxes, feature_maps, meta, **head)
     masks = layers.Activation("sigmoid", name="mrcnn_mask_probs", dtype="float32")(mask_logits)
     return keras.Model(
         [image, meta], [detections, class_probs, bbox, masks, rpn_rois, rpn_class, rpn_bbox],
         name="mask_rcnn")
+
+
+def _mask_head_on_found(config: Config) -> bool:
+    """MASK_HEAD_ROIS: the mask head on the ROIs found (a run-time shape) or on every slot; XLA
+    needs fixed shapes, so JIT_COMPILE takes the slots whatever it says."""
+    return config.MASK_HEAD_ROIS == "dynamic" and not config.JIT_COMPILE
+
+
+def _mask_head_settings(config: Config, dtype, sampler) -> dict:
+    """`mask_head`'s keyword arguments that come from the config."""
+    return dict(pool_size=config.MASK_POOL_SIZE, num_classes=config.NUM_CLASSES,
+                train_bn=config.TRAIN_BN, norm=config.NORM, dtype=dtype, sampler=sampler)
+
+
+def _mask_head_in_slots(rois, valid, slots: int, feature_maps, meta, head: dict, names):
+    """The mask head on the valid ones of the first `slots` ROIs only (`PositiveRois`), its
+    logits put back in their slots (`ToSlots`, zeros elsewhere): [B, slots, h, w, classes].
+    names: the two layers' (gather, scatter)."""
+    found_rois, found_images, found_valid, found_slots = PositiveRois(
+        slots, name=names[0])([rois, valid])
+    found_logits = mask_head(found_rois, feature_maps, meta, roi_valid=found_valid,
+                             image_indices=found_images, **head)
+    return ToSlots(slots, name=names[1])([found_logits, found_slots, valid])
 
 
 def _replicas() -> float:
