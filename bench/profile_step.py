@@ -118,12 +118,11 @@ def step_flops(keras_model, config, positives_per_image: float,
     """Forward + backward FLOPs of one training step, by stage (see the module docstring)."""
     import keras
 
-    rpn_per_pixel, rpn_pixels = rpn_head_macs(keras_model, config)
-    forward = collections.Counter({"rpn_head": rpn_per_pixel * rpn_pixels * config.BATCH_SIZE})
+    forward = collections.Counter()
     for layer in keras_model.layers:
         wrapped = layer.layer if isinstance(layer, keras.layers.TimeDistributed) else layer
         if isinstance(layer, keras.Model) or not hasattr(wrapped, "kernel"):
-            continue  # rpn_model: counted per FPN level above
+            continue  # rpn_model: counted per FPN level below
         stage = stage_of(f"mask_rcnn/{layer.name}")
         if isinstance(layer, keras.layers.TimeDistributed):  # [batch, rois, ...] per ROI
             per_roi = conv_macs(wrapped, layer.input.shape[1:], layer.output.shape[1:])
@@ -136,6 +135,7 @@ def step_flops(keras_model, config, positives_per_image: float,
     # 2 FLOPs per multiply-add; backward (input and weight gradients) is twice the forward,
     # the RPN head's over the live pixels only.
     by_stage = {stage: 2 * 3 * macs for stage, macs in forward.items()}
+    rpn_per_pixel, rpn_pixels = rpn_head_macs(keras_model, config)
     by_stage["rpn_head"] = 2 * rpn_per_pixel * config.BATCH_SIZE * (
         rpn_pixels + 2 * rpn_live_pixels_per_image)
     return {"total": sum(by_stage.values()), "by_stage": by_stage}
